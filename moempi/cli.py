@@ -1,0 +1,221 @@
+"""The `moempi` command line (click); MPI is imported inside the commands that use it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import click
+
+from . import __version__
+from .errors import CollectiveError, MoempiError
+from .shapes import ACTIVATIONS, PRESETS, WEIGHT_DTYPES
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moempi")
+def cli():
+    """moempi: the forward pass of a DeepSeek-V3-shaped Mixture-of-Experts stack with
+    large expert parallelism: one MPI rank per GPU, each rank owning one expert of every
+    MoE layer, tokens exchanged with (nonblocking) Alltoallv, layer by layer.
+
+    \b
+    Typical session:
+      moempi init-model model.h5 --preset small
+      moempi make-tokens tokens.h5 --num-tokens 4096 --model model.h5
+      mpiexec -n 4 moempi run --model model.h5 --tokens tokens.h5 --output out.h5
+      moempi inspect out.h5
+    """
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MoempiError as exc:
+        click.echo(f"moempi: error: {exc}", err=True)
+        sys.exit(1)
+
+
+# -- synthetic inputs -----------------------------------------------------------------------
+@cli.command("init-model")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
+              help="Base shape: tiny (6 layers, unit tests), small (61 layers, 4 experts, "
+                   "hidden 256: the demo), deepseek-v3 (61 layers, 256 experts, hidden 7168).")
+@click.option("--experts", type=int, help="Experts per MoE layer.")
+@click.option("--layers", type=int, help="Total layers.")
+@click.option("--dense-layers", type=int, help="Leading dense layers.")
+@click.option("--hidden", type=int, help="Hidden size H.")
+@click.option("--ffn", type=int, help="Expert MLP hidden size F.")
+@click.option("--dense-ffn", type=int, help="Dense MLP hidden size Fd.")
+@click.option("--top-k", type=int, help="Experts per token.")
+@click.option("--activation", type=click.Choice(ACTIVATIONS), help="Expert activation.")
+@click.option("--dtype", type=click.Choice(WEIGHT_DTYPES), help="Weight storage dtype "
+              "(bfloat16 is stored as uint16 with encoding=\"bfloat16\").")
+@click.option("--no-final-norm", is_flag=True, help="Leave out /final_norm.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ffn, top_k,
+               activation, dtype, no_final_norm, seed, overwrite):
+    """Write a random model checkpoint OUT (HDF5, DESIGN.md §2.1), one expert slab at a time."""
+    from .hdf5 import write_model
+    changes = {k: v for k, v in dict(num_experts=experts, num_layers=layers,
+                                      num_dense_layers=dense_layers, hidden_size=hidden,
+                                      moe_ffn_size=ffn, dense_ffn_size=dense_ffn, top_k=top_k,
+                                      activation=activation, weight_dtype=dtype).items()
+               if v is not None}
+    meta = PRESETS[preset].replace(**changes, has_final_norm=not no_final_norm).validate(out)
+    if os.path.exists(out) and not overwrite:
+        raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
+    size = sum(_numel(s) for s in _shapes(meta)) * meta.weight_bytes
+    click.echo(f"writing {out}: {meta.num_layers} layers, {meta.num_experts} experts, hidden "
+               f"{meta.hidden_size}, {meta.weight_dtype}, {size / 2**30:.2f} GiB")
+    big = size > 2**30
+
+    def progress(done, total):
+        if big:
+            click.echo(f"  layer {done}/{total}", err=True)
+
+    write_model(out, meta, seed, progress)
+
+
+def _shapes(meta):
+    from .hdf5 import model_shapes
+    return model_shapes(meta).values()
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@cli.command("make-tokens")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--num-tokens", "-n", type=int, required=True, help="Number of tokens N.")
+@click.option("--model", type=click.Path(dir_okay=False), help="Take the hidden size from this model.")
+@click.option("--hidden", type=int, help="Hidden size H (instead of --model).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def make_tokens(out, num_tokens, model, hidden, seed, dtype, overwrite):
+    """Write N synthetic tokens /tokens [N, H] (seeded normal values) to OUT."""
+    from .hdf5 import read_model_meta, write_tokens
+    if (model is None) == (hidden is None):
+        raise MoempiError("make-tokens: give exactly one of --model and --hidden")
+    if model:
+        hidden = read_model_meta(model).hidden_size
+    if os.path.exists(out) and not overwrite:
+        raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
+    write_tokens(out, num_tokens, hidden, seed, dtype)
+    click.echo(f"wrote {out}: {num_tokens} tokens, hidden {hidden}, {dtype}")
+
+
+# -- the job -------------------------------------------------------------------------------
+@cli.command("run")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", help="Model file (run.model).")
+@click.option("--tokens", help="Tokens file (run.tokens).")
+@click.option("--output", "-o", help="Output file (run.output).")
+@click.option("--placement", help="Placement JSON (run.placement); default: DESIGN.md §2.4 rule.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="fp32: exact mode; bf16: BF16 on the wire, float32 accumulation.")
+@click.option("--micro-batches", type=int, help="Micro-batches in flight (0 = choose from a probe).")
+@click.option("--overlap/--no-overlap", default=None,
+              help="Overlap the exchange with compute (default) or use blocking Alltoallv.")
+@click.option("--save-routing", is_flag=True, default=None, help="Write /routing for `moempi place`.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override any config key, e.g. --set pipeline.batch_tokens=1024 (repeatable).")
+def run(config, model, tokens, output, placement, precision, micro_batches, overlap,
+        save_routing, overwrite, sets):
+    """Run the forward pass as an MPI job:  mpiexec -n P moempi run [CONFIG.toml] [options].
+
+    Settings come from CONFIG (TOML, see input/), then --set, then the named flags. Rank 0
+    validates config, placement and model and broadcasts them; each rank reads only the
+    expert slabs it hosts; any rank's failure ends the whole job with a message.
+    """
+    from mpi4py import MPI
+
+    from . import parallel
+    from .config import load_config, parse_value
+    from .runner import run_job
+
+    world = MPI.COMM_WORLD
+    try:
+        overrides = {}
+        for item in sets:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise MoempiError(f"--set {item}: expected SECTION.KEY=VALUE")
+            overrides[key.strip()] = parse_value(value.strip())
+        flags = {"run.model": model, "run.tokens": tokens, "run.output": output,
+                 "run.placement": placement, "run.precision": precision,
+                 "pipeline.micro_batches": micro_batches, "pipeline.overlap": overlap,
+                 "run.save_routing": save_routing, "run.overwrite": overwrite}
+        overrides.update({k: v for k, v in flags.items() if v is not None})
+        cfg = parallel.root_call(world, load_config, config, overrides)
+        run_job(world, cfg, shlex.join(sys.argv))
+    except CollectiveError as exc:
+        # every rank raised it together: rank 0 says it once, all exit non-zero
+        if world.rank == 0:
+            click.echo(f"moempi: error: {exc}", err=True)
+        sys.exit(1)
+    except BaseException as exc:  # one rank alone: end the whole job now, never hang
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        parallel.fail(world, exc)
+
+
+# -- around the job -------------------------------------------------------------------------
+@cli.command("info")
+def info():
+    """Versions, the MPI library, world size, and GPU/CuPy presence (works under mpiexec)."""
+    from mpi4py import MPI
+
+    from .runner import versions
+    world = MPI.COMM_WORLD
+    if world.rank == 0:
+        for key, value in versions().items():
+            click.echo(f"{key:>8}: {value}")
+        click.echo(f"{'world':>8}: {world.size} rank(s), thread level "
+                   f"{['single', 'funneled', 'serialized', 'multiple'][MPI.Query_thread()]}")
+        try:
+            import cupy
+            click.echo(f"{'cupy':>8}: {cupy.__version__}, {cupy.cuda.runtime.getDeviceCount()} GPU(s)")
+        except Exception as exc:  # no cupy, or cupy without a driver
+            click.echo(f"{'cupy':>8}: not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no module'})")
+
+
+@cli.command("inspect")
+@click.argument("output", type=click.Path(exists=True, dir_okay=False))
+def inspect(output):
+    """Summarise a run's OUTPUT file: configuration, expert load per layer, timings, overlap."""
+    from .inspect import summarise
+    summarise(output, click.echo)
+
+
+def _register_optional():
+    """Commands that live in their own modules."""
+    try:  # TEMPORARY while the modules are written
+        from .place.command import place
+        cli.add_command(place)
+    except ImportError:
+        pass
+    try:
+        from .plan import plan
+        cli.add_command(plan)
+    except ImportError:
+        pass
+
+
+_register_optional()

@@ -1,0 +1,238 @@
+"""Token exchange: a dispatch plan built once per layer and micro-batch, dispatch and combine over Alltoallv.
+
+The only module that moves tokens between ranks.  Each micro-batch gets its own
+:class:`Exchanger` on its own duplicate of the expert-parallel communicator: MPI matches
+collectives per communicator in posting order, so micro-batches that reach a layer in a
+different order on different ranks can never pair the wrong exchanges.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+from mpi4py import MPI
+
+from .errors import MoempiError
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where each (token, expert) pair of one micro-batch goes, and where its result returns.
+
+    Pairs are numbered ``token * K + k``.  Sent rows are grouped by destination rank, then
+    expert, so each source's block arrives at its destination already sorted by expert.
+    """
+
+    top_k: int
+    pair_order: np.ndarray       # [S] int64, pairs in send order (dropped pairs absent)
+    send_counts: np.ndarray      # [P] int32, rows this rank sends to each rank
+    send_displs: np.ndarray      # [P] int32
+    recv_counts: np.ndarray      # [P] int32, rows this rank receives from each rank
+    recv_displs: np.ndarray      # [P] int32
+    local_experts: tuple         # expert ids this rank computes for the layer, ascending
+    expert_rows: np.ndarray      # [El] int64, received rows per local expert
+    expert_order: np.ndarray | None  # [R] int64 received rows grouped by expert; None: already are
+
+    @property
+    def num_send(self) -> int:
+        return int(self.pair_order.size)
+
+    @property
+    def num_recv(self) -> int:
+        return int(self.recv_counts.sum())
+
+    def expert_slices(self):
+        """``(expert, rows)`` for each local expert: rows index the received buffer."""
+        start = 0
+        for e, n in zip(self.local_experts, self.expert_rows):
+            idx = slice(start, start + n) if self.expert_order is None else \
+                self.expert_order[start:start + n]
+            start += n
+            if n:
+                yield e, idx
+
+    def unpermute(self, back: np.ndarray, num_tokens: int) -> np.ndarray:
+        """Combined rows `[S, H]` (send order) -> `[N, K, H]` per token and slot, 0 where dropped."""
+        out = np.zeros((num_tokens * self.top_k, back.shape[1]), dtype=np.float32)
+        out[self.pair_order] = back
+        return out.reshape(num_tokens, self.top_k, back.shape[1])
+
+
+def send_layout(topk_idx: np.ndarray, dest_rank: np.ndarray, num_ranks: int,
+                num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Send order and counts of one micro-batch, before any communication.
+
+    topk_idx, dest_rank `[N, K]` int32 (dest -1 = dropped).  Returns ``pair_order`` `[S]`
+    int64 and ``pairs_per_rank_expert`` `[P, E]` int32 (rows to rank p for expert e).
+    """
+    dest = dest_rank.reshape(-1).astype(np.int64)
+    pairs = np.flatnonzero(dest >= 0)
+    key = dest[pairs] * num_experts + topk_idx.reshape(-1)[pairs]
+    pair_order = pairs[np.argsort(key, kind="stable")]
+    counts = np.bincount(key, minlength=num_ranks * num_experts)
+    return pair_order, counts.reshape(num_ranks, num_experts).astype(np.int32)
+
+
+def make_plan(top_k: int, pair_order: np.ndarray, sent: np.ndarray, received: np.ndarray,
+              local_experts) -> DispatchPlan:
+    """Finish a plan from the counts exchanged: ``sent``/``received`` `[P, E]` int32."""
+    local_experts = tuple(int(e) for e in local_experts)
+    stray = received.sum(axis=0)
+    stray[list(local_experts)] = 0
+    if stray.any():
+        raise MoempiError(f"rank received tokens for expert {int(np.argmax(stray))} that it "
+                          "does not host: ranks disagree on the placement")
+    send_counts = sent.sum(axis=1).astype(np.int32)
+    recv_counts = received.sum(axis=1).astype(np.int32)
+    by_source = received[:, list(local_experts)]          # [P, El]
+    expert_rows = by_source.sum(axis=0).astype(np.int64)
+    expert_order = None
+    if len(local_experts) > 1 and (expert_rows > 0).sum() > 1:
+        labels = np.repeat(np.tile(np.arange(len(local_experts)), len(by_source)),
+                           by_source.reshape(-1))
+        expert_order = np.argsort(labels, kind="stable")
+    return DispatchPlan(top_k, pair_order, send_counts, _displs(send_counts), recv_counts,
+                        _displs(recv_counts), local_experts, expert_rows, expert_order)
+
+
+def _displs(counts: np.ndarray) -> np.ndarray:
+    displs = np.zeros_like(counts)
+    np.cumsum(counts[:-1], out=displs[1:])
+    return displs
+
+
+class Exchanger:
+    """One micro-batch's exchange channel: a communicator, the wire format, reused buffers.
+
+    ``plan``, ``dispatch`` and ``combine`` are generators: nonblocking, each yields its
+    ``MPI.Request`` to the scheduler and returns its result when resumed after completion;
+    with ``blocking=True`` they call the blocking collective and yield nothing.
+    """
+
+    def __init__(self, comm: MPI.Comm, hidden: int, num_experts: int, precision: str,
+                 blocking: bool = False):
+        self.comm = comm.Dup()
+        self.hidden = hidden
+        self.num_experts = num_experts
+        self.blocking = blocking
+        self.bf16 = precision == "bf16"
+        base = MPI.UINT16_T if self.bf16 else MPI.FLOAT
+        self.wire = np.uint16 if self.bf16 else np.float32
+        self.rowtype = base.Create_contiguous(hidden).Commit()   # counts in rows, not elements
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def close(self) -> None:
+        """Release the communicator and datatype (explicitly, not in ``__del__``)."""
+        self.rowtype.Free()
+        self.comm.Free()
+
+    # -- the three steps -----------------------------------------------------------------
+    def plan(self, topk_idx, dest_rank, local_experts):
+        """Exchange counts and build the :class:`DispatchPlan`; topk_idx/dest_rank `[N, K]`."""
+        pair_order, sent = send_layout(topk_idx, dest_rank, self.comm.size, self.num_experts)
+        received = np.empty_like(sent)
+        if self.blocking:
+            self.comm.Alltoall(sent, received)
+        else:
+            yield self.comm.Ialltoall(sent, received)
+        return make_plan(topk_idx.shape[1], pair_order, sent, received, local_experts)
+
+    def dispatch(self, plan: DispatchPlan, h: np.ndarray):
+        """Send each pair's token row ``h`` `[N, H]` to its expert's rank; returns `[R, H]` float32."""
+        send = self._buffer("dispatch_send", plan.num_send)
+        self._encode(h[plan.pair_order // plan.top_k], send)
+        recv = self._buffer("dispatch_recv", plan.num_recv)
+        yield from self._alltoallv(send, plan.send_counts, plan.send_displs,
+                                   recv, plan.recv_counts, plan.recv_displs)
+        return self._decode(recv)
+
+    def combine(self, plan: DispatchPlan, y: np.ndarray):
+        """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks; `[S, H]` float32 in send order."""
+        send = self._buffer("combine_send", plan.num_recv)
+        self._encode(y, send)
+        recv = self._buffer("combine_recv", plan.num_send)
+        yield from self._alltoallv(send, plan.recv_counts, plan.recv_displs,
+                                   recv, plan.send_counts, plan.send_displs)
+        return self._decode(recv)
+
+    # -- measurement -----------------------------------------------------------------------
+    def replay(self, counts: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Time the same exchanges without compute: counts, dispatch and combine, blocking.
+
+        ``counts``: ``(send_counts, recv_counts)`` `[P]` per exchange.  All ranks call it
+        with their own counts of the same exchanges; returns seconds on this rank.
+        """
+        sent = np.zeros((self.comm.size, self.num_experts), dtype=np.int32)
+        received = np.empty_like(sent)
+        self.comm.Barrier()
+        start = time.perf_counter()
+        for send_counts, recv_counts in counts:
+            self.comm.Alltoall(sent, received)
+            send = self._buffer("dispatch_send", int(send_counts.sum()))
+            recv = self._buffer("dispatch_recv", int(recv_counts.sum()))
+            sd, rd = _displs(send_counts), _displs(recv_counts)
+            self.comm.Alltoallv([send, (send_counts, sd), self.rowtype],
+                                [recv, (recv_counts, rd), self.rowtype])
+            self.comm.Alltoallv([recv, (recv_counts, rd), self.rowtype],
+                                [send, (send_counts, sd), self.rowtype])
+        return time.perf_counter() - start
+
+    # -- machinery -------------------------------------------------------------------------
+    def _alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs):
+        sendspec = [send, (send_counts, send_displs), self.rowtype]
+        recvspec = [recv, (recv_counts, recv_displs), self.rowtype]
+        if self.blocking:
+            self.comm.Alltoallv(sendspec, recvspec)
+        else:
+            yield self.comm.Ialltoallv(sendspec, recvspec)
+
+    def _buffer(self, name: str, rows: int) -> np.ndarray:
+        """A `[rows, H]` view of a grow-only buffer, reused across layers and batches."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows:
+            buf = np.empty((max(rows, 1, int(1.25 * (0 if buf is None else buf.shape[0]))),
+                            self.hidden), dtype=self.wire)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+    def _encode(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.bf16:
+            out[...] = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+        else:
+            out[...] = x
+
+    def _decode(self, buf: np.ndarray) -> np.ndarray:
+        if self.bf16:
+            return (buf.astype(np.uint32) << 16).view(np.float32)
+        return buf
+
+
+def probe_network(comm: MPI.Comm, hidden: int, wire_bytes: int, rows: int = 256,
+                  repeats: int = 5) -> tuple[float, float]:
+    """Measure Alltoallv per-message latency (s) and per-rank bandwidth (B/s) on ``comm``.
+
+    Times an exchange of one row per peer and one of ``rows`` rows per peer (best of
+    ``repeats``); latency is the small one, bandwidth the extra bytes over the extra time.
+    The same figures on every rank (rank 0's, broadcast).
+    """
+    size = comm.size
+    best = []
+    for n in (1, rows):
+        send = np.zeros(n * size * hidden * wire_bytes, dtype=np.uint8)
+        recv = np.empty_like(send)
+        counts = np.full(size, n * hidden * wire_bytes, dtype=np.int64)
+        displs = np.arange(size, dtype=np.int64) * counts[0]
+        times = []
+        for _ in range(repeats):
+            comm.Barrier()
+            t = time.perf_counter()
+            comm.Alltoallv([send, (counts, displs), MPI.BYTE], [recv, (counts, displs), MPI.BYTE])
+            times.append(time.perf_counter() - t)
+        best.append(min(times))
+    latency = best[0]
+    extra_bytes = (rows - 1) * hidden * wire_bytes * max(1, size - 1)
+    bandwidth = extra_bytes / max(best[1] - best[0], 1e-9)
+    return comm.bcast((latency, bandwidth), root=0)

@@ -1,0 +1,41 @@
+"""The expert MLP, RMSNorm and activations, written against an array module ``xp``."""
+
+from __future__ import annotations
+
+import math
+
+from .backend import array_module as _xp
+
+
+def rmsnorm(x, weight, eps: float):
+    """``x / sqrt(mean(x**2, -1) + eps) * weight``; x `[N, H]` float32, weight `[H]`."""
+    xp = _xp(x)
+    scale = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * scale) * weight
+
+
+def gelu(x):
+    """GELU, tanh form (in place on ``x``)."""
+    xp = _xp(x)
+    inner = xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))
+    x *= 0.5 * (1.0 + inner)
+    return x
+
+
+def silu(x):
+    xp = _xp(x)
+    x *= 1.0 / (1.0 + xp.exp(-x))
+    return x
+
+
+def relu(x):
+    xp = _xp(x)
+    return xp.maximum(x, 0, out=x)
+
+
+ACTIVATIONS = {"gelu": gelu, "silu": silu, "relu": relu}
+
+
+def mlp(h, w_in, w_out, activation: str):
+    """``act(h @ w_in) @ w_out``: h `[N, H]`, w_in `[H, F]`, w_out `[F, H]` -> `[N, H]`."""
+    return ACTIVATIONS[activation](h @ w_in) @ w_out

@@ -1,0 +1,376 @@
+"""HDF5 files: the model checkpoint, tokens and run output (DESIGN.md §2); the BF16 codec."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import h5py
+import ml_dtypes
+import numpy as np
+
+from .errors import MoempiError
+from .shapes import ModelMeta
+
+MODEL_FORMAT = "moempi-model"
+MODEL_VERSION = 1
+BF16 = "bfloat16"
+
+
+# -- the BF16 codec: uint16 bit patterns with attribute encoding = "bfloat16" -------------
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float array -> uint16 BF16 bit patterns (round to nearest even)."""
+    return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def bf16_decode(bits: np.ndarray) -> np.ndarray:
+    """uint16 BF16 bit patterns -> float32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _encoding(ds: h5py.Dataset) -> str:
+    enc = ds.attrs.get("encoding", "")
+    return enc.decode() if isinstance(enc, bytes) else str(enc)
+
+
+def check_dtype(ds: h5py.Dataset, where: str) -> str:
+    """The logical dtype name of a dataset, or an error for a dtype moempi cannot read."""
+    if ds.dtype == np.uint16:
+        if _encoding(ds) != BF16:
+            raise MoempiError(f"{where}: uint16 dataset without encoding = \"bfloat16\"")
+        return BF16
+    if ds.dtype in (np.float16, np.float32, np.float64):
+        return ds.dtype.name
+    raise MoempiError(f"{where}: unsupported dtype {ds.dtype} (expected bfloat16 as uint16, "
+                      "float16, float32 or float64)")
+
+
+def read_f32(ds: h5py.Dataset, sel=()) -> np.ndarray:
+    """Read ``ds[sel]`` as float32, decoding BF16 bit patterns."""
+    data = ds[sel]
+    if ds.dtype == np.uint16:
+        return bf16_decode(data)
+    return np.asarray(data, dtype=np.float32)
+
+
+def _open(path: str, what: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise MoempiError(f"{path}: {what} file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise MoempiError(f"{path}: cannot open {what} as HDF5 (truncated or not HDF5?): "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+# -- model -----------------------------------------------------------------------------
+def _attr(f: h5py.File, name: str, kind, path: str):
+    if name not in f.attrs:
+        raise MoempiError(f"{path}: missing root attribute {name!r}")
+    value = f.attrs[name]
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    try:
+        if kind is bool:
+            return bool(value)
+        if kind is int and int(value) != value:
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise MoempiError(f"{path}: root attribute {name!r} = {value!r} is not "
+                          f"{kind.__name__}") from None
+
+
+def meta_from_file(f: h5py.File, path: str) -> ModelMeta:
+    fmt = f.attrs.get("format", b"")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    if fmt != MODEL_FORMAT:
+        raise MoempiError(f"{path}: not a moempi model (root attribute format = {fmt!r}, "
+                          f"expected {MODEL_FORMAT!r})")
+    version = _attr(f, "version", int, path)
+    if version != MODEL_VERSION:
+        raise MoempiError(f"{path}: model version {version} is not supported "
+                          f"(this moempi reads version {MODEL_VERSION})")
+    kinds = {fl.name: fl.type for fl in dataclasses.fields(ModelMeta)}
+    values = {}
+    for name in ("hidden_size", "moe_ffn_size", "dense_ffn_size", "num_layers",
+                 "num_dense_layers", "num_experts", "top_k"):
+        values[name] = _attr(f, name, int, path)
+    values["activation"] = _attr(f, "activation", str, path)
+    values["norm_eps"] = _attr(f, "norm_eps", float, path)
+    values["norm_topk_prob"] = _attr(f, "norm_topk_prob", bool, path)
+    assert set(values) <= set(kinds)
+    values["has_final_norm"] = "final_norm" in f
+    meta = ModelMeta(**values, weight_dtype=BF16)
+    meta.validate(source=path)
+    dtype = None
+    if meta.num_layers > meta.num_dense_layers:
+        ds = _dataset(f, f"layers/{meta.num_dense_layers:03d}/experts/w_in", path)
+        dtype = check_dtype(ds, f"{path}:/{ds.name.lstrip('/')}")
+    elif meta.num_layers:
+        ds = _dataset(f, "layers/000/mlp/w_in", path)
+        dtype = check_dtype(ds, f"{path}:/{ds.name.lstrip('/')}")
+    return meta.replace(weight_dtype=dtype or BF16)
+
+
+def read_model_meta(path: str) -> ModelMeta:
+    """Read and validate a model file's metadata (root attributes, no weights)."""
+    with _open(path, "model") as f:
+        return meta_from_file(f, path)
+
+
+def _dataset(f: h5py.File, name: str, path: str) -> h5py.Dataset:
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        raise MoempiError(f"{path}: missing dataset /{name}")
+    return obj
+
+
+def model_shapes(meta: ModelMeta) -> dict[str, tuple]:
+    """Every dataset of a model file and its shape (DESIGN.md §2.1)."""
+    H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
+    shapes = {}
+    for l in range(meta.num_layers):
+        shapes[f"layers/{l:03d}/norm"] = (H,)
+        if meta.is_moe(l):
+            shapes[f"layers/{l:03d}/gate"] = (H, E)
+            shapes[f"layers/{l:03d}/experts/w_in"] = (E, H, F)
+            shapes[f"layers/{l:03d}/experts/w_out"] = (E, F, H)
+        else:
+            shapes[f"layers/{l:03d}/mlp/w_in"] = (H, Fd)
+            shapes[f"layers/{l:03d}/mlp/w_out"] = (Fd, H)
+    if meta.has_final_norm:
+        shapes["final_norm"] = (H,)
+    return shapes
+
+
+def check_model_datasets(f: h5py.File, meta: ModelMeta, path: str) -> None:
+    """Every dataset present with the right shape and a readable dtype (metadata only)."""
+    for name, shape in model_shapes(meta).items():
+        ds = _dataset(f, name, path)
+        if ds.shape != shape:
+            raise MoempiError(f"{path}: dataset /{name} has shape {ds.shape}, expected {shape}")
+        check_dtype(ds, f"{path}:/{name}")
+
+
+class ModelReader:
+    """Reads weights as float32, checking each array for NaN/Inf; slabs read one expert at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = _open(path, "model")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def read(self, name: str, sel=()) -> np.ndarray:
+        ds = _dataset(self.file, name, self.path)
+        try:
+            data = read_f32(ds, sel)
+        except OSError as exc:
+            raise MoempiError(f"{self.path}: cannot read /{name} (truncated file?): "
+                              f"{str(exc).splitlines()[0]}") from None
+        if not np.isfinite(data).all():
+            where = f"[{sel}]" if sel != () else ""
+            raise MoempiError(f"{self.path}: /{name}{where} contains NaN or Inf")
+        return data
+
+    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """One expert's ``w_in`` `[H, F]` and ``w_out`` `[F, H]`, float32."""
+        base = f"layers/{layer:03d}/experts"
+        return self.read(f"{base}/w_in", e), self.read(f"{base}/w_out", e)
+
+
+# -- synthetic model -------------------------------------------------------------------
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *key])
+
+
+def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None) -> None:
+    """Write a random model, one slab at a time, so a full-size model never sits in memory.
+
+    Matrices are N(0, 1/fan_in) so every layer adds an O(1) update to the residual stream;
+    the gate is scaled so routing scores are well separated; norms are 1 + N(0, 0.1).
+    Written to a temporary name and renamed: complete or absent.
+    """
+    meta.validate(source=path)
+    H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
+    np_dtype = np.uint16 if meta.weight_dtype == BF16 else np.dtype(meta.weight_dtype)
+
+    def put(f, name, shape, gen):
+        """Create ``name`` and fill it slab by slab along axis 0 (or whole, for vectors)."""
+        ds = f.create_dataset(name, shape=shape, dtype=np_dtype)
+        if meta.weight_dtype == BF16:
+            ds.attrs["encoding"] = BF16
+        slabs = range(shape[0]) if len(shape) == 3 else [None]
+        for i in slabs:
+            data = gen(i)
+            data = bf16_bits(data) if meta.weight_dtype == BF16 else data.astype(np_dtype)
+            if i is None:
+                ds[...] = data
+            else:
+                ds[i] = data
+
+    tmp = _partial_name(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = MODEL_FORMAT
+            f.attrs["version"] = MODEL_VERSION
+            for name in ("hidden_size", "moe_ffn_size", "dense_ffn_size", "num_layers",
+                         "num_dense_layers", "num_experts", "top_k"):
+                f.attrs[name] = int(getattr(meta, name))
+            f.attrs["activation"] = meta.activation
+            f.attrs["norm_eps"] = float(meta.norm_eps)
+            f.attrs["norm_topk_prob"] = bool(meta.norm_topk_prob)
+            for l in range(meta.num_layers):
+                g = f"layers/{l:03d}"
+                put(f, f"{g}/norm", (H,),
+                    lambda _, l=l: 1 + 0.1 * _rng(seed, l, 0).standard_normal(H))
+                if meta.is_moe(l):
+                    put(f, f"{g}/gate", (H, E),
+                        lambda _, l=l: _rng(seed, l, 1).standard_normal((H, E)) * (2 / H**0.5))
+                    put(f, f"{g}/experts/w_in", (E, H, F),
+                        lambda e, l=l: _rng(seed, l, 2, e).standard_normal((H, F)) / H**0.5)
+                    put(f, f"{g}/experts/w_out", (E, F, H),
+                        lambda e, l=l: _rng(seed, l, 3, e).standard_normal((F, H)) / F**0.5)
+                else:
+                    put(f, f"{g}/mlp/w_in", (H, Fd),
+                        lambda _, l=l: _rng(seed, l, 4).standard_normal((H, Fd)) / H**0.5)
+                    put(f, f"{g}/mlp/w_out", (Fd, H),
+                        lambda _, l=l: _rng(seed, l, 5).standard_normal((Fd, H)) / Fd**0.5)
+                if progress:
+                    progress(l + 1, meta.num_layers)
+            if meta.has_final_norm:
+                put(f, "final_norm", (H,),
+                    lambda _: 1 + 0.1 * _rng(seed, meta.num_layers, 0).standard_normal(H))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -- tokens ----------------------------------------------------------------------------
+TOKEN_CHUNK = 4096
+
+
+def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
+                 dtype: str = "float32") -> None:
+    """Write ``/tokens`` `[N, H]` of N(0, 1) values, chunk by chunk (seeded per chunk)."""
+    if num_tokens < 1 or hidden < 1:
+        raise MoempiError("make-tokens: --num-tokens and the hidden size must be >= 1")
+    np_dtype = np.uint16 if dtype == BF16 else np.dtype(dtype)
+    tmp = _partial_name(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("tokens", shape=(num_tokens, hidden), dtype=np_dtype,
+                                  chunks=(min(num_tokens, max(1, 2**20 // hidden)), hidden))
+            if dtype == BF16:
+                ds.attrs["encoding"] = BF16
+            for i, start in enumerate(range(0, num_tokens, TOKEN_CHUNK)):
+                stop = min(start + TOKEN_CHUNK, num_tokens)
+                x = _rng(seed, 1 << 20, i).standard_normal((stop - start, hidden))
+                ds[start:stop] = bf16_bits(x) if dtype == BF16 else x.astype(np_dtype)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def tokens_shape(path: str) -> tuple[int, int]:
+    """``(num_tokens, hidden)`` of a tokens file, validating its dataset and dtype."""
+    with _open(path, "tokens") as f:
+        ds = _dataset(f, "tokens", path)
+        if ds.ndim != 2:
+            raise MoempiError(f"{path}: /tokens must be 2-D [N, H], has shape {ds.shape}")
+        check_dtype(ds, f"{path}:/tokens")
+        return int(ds.shape[0]), int(ds.shape[1])
+
+
+def read_tokens(path: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``/tokens`` as float32 `[stop - start, H]`, checked finite."""
+    with _open(path, "tokens") as f:
+        ds = _dataset(f, "tokens", path)
+        try:
+            x = read_f32(ds, np.s_[start:stop])
+        except OSError as exc:
+            raise MoempiError(f"{path}: cannot read /tokens rows {start}:{stop} "
+                              f"(truncated file?): {str(exc).splitlines()[0]}") from None
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise MoempiError(f"{path}: /tokens row {start + int(np.argmax(bad))} contains NaN or Inf")
+    return x
+
+
+# -- output ----------------------------------------------------------------------------
+def _partial_name(path: str) -> str:
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
+
+
+def check_output_path(path: str, overwrite: bool) -> None:
+    """Fail early, before any work, where the output could not be written at the end."""
+    if os.path.exists(path) and not overwrite:
+        raise MoempiError(f"{path}: output exists (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MoempiError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise MoempiError(f"{path}: output folder {folder} is not writable")
+
+
+class OutputWriter:
+    """The run's output, written under a temporary name and renamed by :meth:`commit`.
+
+    An output file is complete or absent: :meth:`discard` (or leaving the ``with`` block by
+    an exception) removes the partial file.
+    """
+
+    def __init__(self, path: str, overwrite: bool = False):
+        check_output_path(path, overwrite)
+        self.path = path
+        self.tmp = _partial_name(path)
+        self.file = h5py.File(self.tmp, "w")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self.discard()
+
+    def attrs(self, **values) -> None:
+        for key, value in values.items():
+            if isinstance(value, (dict, list, tuple)):
+                value = json.dumps(value)
+            self.file.attrs[key] = value
+
+    def dataset(self, name: str, shape, dtype, **attrs) -> h5py.Dataset:
+        ds = self.file.create_dataset(name, shape=shape, dtype=dtype)
+        for key, value in attrs.items():
+            ds.attrs[key] = value
+        return ds
+
+    def array(self, name: str, data, **attrs) -> None:
+        ds = self.file.create_dataset(name, data=np.asarray(data))
+        for key, value in attrs.items():
+            ds.attrs[key] = value
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)

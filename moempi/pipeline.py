@@ -1,0 +1,241 @@
+"""The micro-batch schedule: micro-batches flow through the layer stack, exchanges in flight under compute.
+
+Each micro-batch is a generator that runs its layers and yields whenever it waits for
+an exchange (an ``MPI.Request``; on a GPU also an event that marks a buffer ready).  The
+:class:`Scheduler` resumes whichever micro-batch can go on, so while micro-batch i's
+experts compute, micro-batch i+1's dispatch is in flight, and a micro-batch enters the
+next layer as soon as its own combine is done: no barrier per layer.
+
+Progress.  A nonblocking collective only advances inside MPI calls.  Expert compute is cut
+into chunks of a few milliseconds and :meth:`Scheduler.poll` calls ``MPI_Testall`` on the
+requests in flight between chunks.  A progress thread was the alternative: with one core
+per rank it competes with the GEMM for the core and for the GIL, and MPICH's
+``MPI_THREAD_MULTIPLE`` path adds locking to every call, so polling between chunks is the
+simpler and (here) the faster choice.  On a GPU the same polling runs while the kernels of
+the compute stream execute, which is what the schedule is shaped for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+
+from .experts import mlp, rmsnorm
+from .gating import gate_probs, route
+from .model import DenseLayer, Weights
+from .placement import Placement, assign_replicas
+
+# gate: norm + gating + routing; dispatch/combine: exchange time from posting to completion;
+# expert: MLP compute (the dense MLP in dense layers); compute: all compute of the layer;
+# wait: time blocked for the layer's exchanges; busy: time running the layer's code.
+# A rank's wall time is the sum over layers of busy + wait.
+TIMINGS = ("gate", "dispatch", "expert", "combine", "compute", "wait", "busy")
+CHUNK_FLOP = 2e8      # expert compute per progress poll: a few ms on one CPU core
+
+
+@dataclass
+class Telemetry:
+    """Per-layer counters of one rank, summed over micro-batches and batches."""
+
+    num_layers: int
+    num_moe: int
+    num_ranks: int
+    num_experts: int
+    seconds: dict = field(default_factory=dict)        # name -> [L] float64
+    traffic: np.ndarray = None          # [L_moe, P] int64, rows sent to each rank
+    tokens_per_expert: np.ndarray = None  # [L_moe, E] int64, pairs routed from this rank
+    rows_computed: np.ndarray = None    # [L_moe] int64, rows this rank's experts computed
+    exchanges: list = None              # [L_moe] lists of (send_counts, recv_counts)
+
+    def __post_init__(self):
+        self.seconds = {name: np.zeros(self.num_layers) for name in TIMINGS}
+        self.traffic = np.zeros((self.num_moe, self.num_ranks), dtype=np.int64)
+        self.tokens_per_expert = np.zeros((self.num_moe, self.num_experts), dtype=np.int64)
+        self.rows_computed = np.zeros(self.num_moe, dtype=np.int64)
+        self.exchanges = [[] for _ in range(self.num_moe)]
+
+    def add(self, name: str, layer: int, seconds: float) -> None:
+        self.seconds[name][layer] += seconds
+
+
+class Scheduler:
+    """Runs micro-batch generators to completion, blocking only when none can go on."""
+
+    def __init__(self, telemetry: Telemetry):
+        self.telemetry = telemetry
+        self.pending: dict[int, MPI.Request] = {}
+
+    def poll(self) -> None:
+        """Let MPI progress the exchanges in flight (called between compute chunks)."""
+        if self.pending:
+            MPI.Request.Testall(list(self.pending.values()))
+
+    def run(self, tasks: list) -> None:
+        """``tasks``: generators with a ``layer`` attribute on their state (see MicroBatch)."""
+        ready = deque(range(len(tasks)))
+        while ready or self.pending:
+            while ready:
+                i = ready.popleft()
+                try:
+                    request = next(tasks[i].steps)
+                except StopIteration:
+                    continue
+                if request.Test():
+                    ready.append(i)
+                else:
+                    self.pending[i] = request
+            if self.pending:
+                ids = list(self.pending)
+                start = time.perf_counter()
+                index = MPI.Request.Waitany([self.pending[i] for i in ids])
+                done = ids[index]
+                self.telemetry.add("wait", tasks[done].layer, time.perf_counter() - start)
+                del self.pending[done]
+                ready.append(done)
+                for i in ids:               # others completed meanwhile go on too
+                    if i in self.pending and self.pending[i].Test():
+                        del self.pending[i]
+                        ready.append(i)
+
+
+@dataclass
+class Context:
+    """What every micro-batch of one rank shares."""
+
+    weights: Weights
+    placement: Placement
+    ep_rank: int
+    rank_offset: int                 # world rank of ep rank 0 (data-parallel replica offset)
+    bias: np.ndarray                 # [L_moe, E] float32, load-balance bias (0 when off)
+    telemetry: Telemetry
+    scheduler: Scheduler
+    routing: dict | None = None      # layer -> (topk_idx [n, K], dest_rank [n, K]) to fill
+    replica_tables: dict = field(default_factory=dict)
+
+    def replicas(self, layer: int):
+        if layer not in self.replica_tables:
+            self.replica_tables[layer] = self.placement.replica_table(layer, self.ep_rank)
+        return self.replica_tables[layer]
+
+
+class MicroBatch:
+    """One micro-batch's walk through the layers: ``steps`` yields the requests it waits on."""
+
+    def __init__(self, ctx: Context, exchanger, x: np.ndarray, token_offset: int):
+        self.ctx = ctx
+        self.exchanger = exchanger
+        self.x = x                   # [n, H] float32, this micro-batch's residual stream
+        self.offset = token_offset   # first row of x within the rank's shard
+        self.layer = 0
+        self.steps = self._forward()
+        self._clock = 0.0
+
+    def _forward(self):
+        ctx, meta = self.ctx, self.ctx.weights.meta
+        tel, ex = ctx.telemetry, self.exchanger
+        x = self.x
+        for layer in ctx.weights.layers:
+            l = self.layer = layer.index
+            start = time.perf_counter()
+            self._clock = start
+            h = rmsnorm(x, layer.norm, meta.norm_eps)
+            if isinstance(layer, DenseLayer):
+                x += mlp(h, layer.w_in, layer.w_out, meta.activation)
+                now = time.perf_counter()
+                tel.add("expert", l, now - start)
+                tel.add("compute", l, now - start)
+                tel.add("busy", l, now - start)
+                continue
+            m = l - meta.num_dense_layers
+            probs = gate_probs(h, layer.gate)
+            topk_idx, topk_weights = route(probs, meta.top_k, ctx.bias[m], meta.norm_topk_prob)
+            dest_rank = assign_replicas(topk_idx, *ctx.replicas(l), ctx.ep_rank)
+            local = sorted(layer.experts)
+            now = time.perf_counter()
+            tel.add("gate", l, now - start)
+            tel.add("compute", l, now - start)
+
+            plan = yield from self._exchange("dispatch", ex.plan(topk_idx, dest_rank, local))
+            recv = yield from self._exchange("dispatch", ex.dispatch(plan, h))
+            y = self._experts(layer, plan, recv)
+            back = yield from self._exchange("combine", ex.combine(plan, y))
+
+            t = time.perf_counter()
+            x += np.einsum("nkh,nk->nh", plan.unpermute(back, len(x)), topk_weights)
+            self._record(m, topk_idx, dest_rank, plan)
+            now = time.perf_counter()
+            tel.add("compute", l, now - t)
+            tel.add("busy", l, now - self._clock)
+        self.layer = len(ctx.weights.layers) - 1
+
+    def _exchange(self, name: str, step):
+        """Run an exchange step; the time from posting to completion counts as ``name``."""
+        tel, l = self.ctx.telemetry, self.layer
+        posted = time.perf_counter()
+        result = None
+        try:
+            while True:
+                request = step.send(result)
+                now = time.perf_counter()
+                tel.add("busy", l, now - self._clock)        # busy until the yield
+                yield request
+                self._clock = time.perf_counter()
+        except StopIteration as stop:
+            result = stop.value
+        tel.add(name, l, time.perf_counter() - posted)
+        return result
+
+    def _experts(self, layer, plan, recv: np.ndarray) -> np.ndarray:
+        """The local experts on the received rows, in chunks with MPI progress between them."""
+        tel, meta = self.ctx.telemetry, self.ctx.weights.meta
+        start = time.perf_counter()
+        y = np.empty_like(recv, dtype=np.float32)
+        chunk = max(16, int(CHUNK_FLOP / (4 * meta.hidden_size * meta.moe_ffn_size)))
+        for e, rows in plan.expert_slices():
+            w_in, w_out = layer.experts[e]
+            if isinstance(rows, slice):
+                parts = [slice(s, min(s + chunk, rows.stop)) for s in range(rows.start, rows.stop, chunk)]
+            else:
+                parts = [rows[s:s + chunk] for s in range(0, len(rows), chunk)]
+            for part in parts:
+                y[part] = mlp(recv[part], w_in, w_out, meta.activation)
+                self.ctx.scheduler.poll()
+        elapsed = time.perf_counter() - start
+        tel.add("expert", layer.index, elapsed)
+        tel.add("compute", layer.index, elapsed)
+        return y
+
+    def _record(self, m: int, topk_idx, dest_rank, plan) -> None:
+        ctx, tel = self.ctx, self.ctx.telemetry
+        tel.traffic[m] += plan.send_counts
+        tel.rows_computed[m] += plan.num_recv
+        live = topk_idx[dest_rank >= 0]
+        tel.tokens_per_expert[m] += np.bincount(live, minlength=tel.num_experts)
+        tel.exchanges[m].append((plan.send_counts, plan.recv_counts))
+        if ctx.routing is not None:
+            idx, dest = ctx.routing[m]
+            rows = slice(self.offset, self.offset + len(topk_idx))
+            idx[rows] = topk_idx
+            dest[rows] = np.where(dest_rank >= 0, dest_rank + ctx.rank_offset, -1)
+
+
+def split_rows(num_rows: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(start, stop)`` ranges covering ``num_rows`` (some may be empty)."""
+    bounds = [num_rows * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run_batch(ctx: Context, exchangers: list, x: np.ndarray, token_offset: int) -> np.ndarray:
+    """Forward one batch `[n, H]` float32 through the stack in ``len(exchangers)`` micro-batches.
+
+    Every rank calls this with the same number of micro-batches (some may be empty).
+    Returns the residual stream after the last layer (before the final norm).
+    """
+    tasks = [MicroBatch(ctx, ex, x[a:b].copy(), token_offset + a)
+             for ex, (a, b) in zip(exchangers, split_rows(len(x), len(exchangers)))]
+    ctx.scheduler.run(tasks)
+    return np.concatenate([t.x for t in tasks]) if tasks else x

@@ -1,0 +1,259 @@
+"""The `moempi run` job: set-up on rank 0, the batched forward pass, the output file."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from . import __version__, hdf5, parallel
+from .config import Config
+from .dispatch import Exchanger, probe_network
+from .errors import MoempiError
+from .experts import mlp, rmsnorm
+from .model import load_weights
+from .pipeline import TIMINGS, Context, Scheduler, Telemetry, run_batch
+from .placement import Placement
+from .shapes import ModelMeta
+
+
+def say(comm: MPI.Comm, msg: str) -> None:
+    """Print on rank 0 only: the one place the job talks to the user."""
+    if comm.rank == 0:
+        print(msg, flush=True)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What rank 0 read and checked, broadcast to every rank."""
+
+    meta: ModelMeta
+    placement: Placement
+    num_tokens: int
+    default_placement: bool
+
+
+def prepare(cfg: Config, ep: int) -> Setup:
+    """Rank 0: validate model metadata and datasets, tokens, placement and output path."""
+    run = cfg.run
+    meta = hdf5.read_model_meta(run.model)
+    with hdf5.ModelReader(run.model) as reader:
+        hdf5.check_model_datasets(reader.file, meta, run.model)
+    num_tokens, hidden = hdf5.tokens_shape(run.tokens)
+    if hidden != meta.hidden_size:
+        raise MoempiError(f"{run.tokens}: tokens have hidden size {hidden} but the model "
+                          f"{run.model} has {meta.hidden_size}")
+    if run.placement:
+        placement = Placement.load(run.placement, meta.moe_layers)
+        placement.validate(ep, meta.num_experts, cfg.parallel.allow_packing, run.placement)
+    else:
+        placement = Placement.default(meta.num_experts, ep, meta.moe_layers)
+    hdf5.check_output_path(run.output, run.overwrite)
+    return Setup(meta, placement, num_tokens, not run.placement)
+
+
+def shard(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous token rows: ``[start, stop)``."""
+    return num_tokens * rank // size, num_tokens * (rank + 1) // size
+
+
+def choose_micro_batches(cfg: Config, comm: MPI.Comm, meta: ModelMeta, weights,
+                         tokens_per_rank: int) -> tuple[int, dict]:
+    """The micro-batch count: the config's, or the performance model's choice from a probe."""
+    if cfg.pipeline.micro_batches:
+        return cfg.pipeline.micro_batches, {}
+    if not cfg.pipeline.overlap:
+        return 1, {}
+    from .perf import choose_micro_batches as model_choice
+    wire_bytes = 2 if cfg.run.precision == "bf16" else 4
+    latency, bandwidth = probe_network(comm, meta.hidden_size, wire_bytes)
+    gemm_flops = probe_gemm(weights, meta)
+    m = model_choice(tokens_per_rank, meta, comm.size, gemm_flops, latency, bandwidth,
+                     wire_bytes, cfg.pipeline.max_micro_batches) if tokens_per_rank else 1
+    m = comm.bcast(int(max(1, m)), root=0)
+    return m, {"latency_s": latency, "bandwidth_Bps": bandwidth, "gemm_flops": gemm_flops}
+
+
+def probe_gemm(weights, meta: ModelMeta, rows: int = 64) -> float:
+    """Achieved expert-MLP FLOP/s of this rank on ``rows`` tokens (best of 3)."""
+    w_in = np.zeros((meta.hidden_size, meta.moe_ffn_size), dtype=np.float32)
+    w_out = np.zeros((meta.moe_ffn_size, meta.hidden_size), dtype=np.float32)
+    h = np.ones((rows, meta.hidden_size), dtype=np.float32)
+    best = min(_timed(lambda: mlp(h, w_in, w_out, meta.activation)) for _ in range(3))
+    return 4.0 * rows * meta.hidden_size * meta.moe_ffn_size / max(best, 1e-9)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
+    """The whole job on every rank; returns the output path.  Raises CollectiveError on bad input."""
+    started = time.perf_counter()
+    cfg = parallel.root_call(world, cfg.validate)
+    layout = parallel.agree(world, parallel.make_layout, world, cfg.parallel.ep,
+                            cfg.parallel.tp, cfg.parallel.dp)
+    comm = layout.ep_comm
+    setup = parallel.root_call(world, prepare, cfg, layout.ep)
+    meta, placement = setup.meta, setup.placement
+    if setup.default_placement and meta.num_experts > layout.ep:
+        say(world, f"warning: {meta.num_experts} experts on {layout.ep} ranks: packing "
+                   f"{-(-meta.num_experts // layout.ep)} experts per rank (default placement)")
+    say(world, f"moempi {__version__}: {world.size} ranks (ep={layout.ep}, dp={layout.dp}), "
+               f"{meta.num_layers} layers ({meta.num_dense_layers} dense), {meta.num_experts} "
+               f"experts, hidden {meta.hidden_size}, {setup.num_tokens} tokens, "
+               f"precision {cfg.run.precision}")
+
+    start, stop = shard(setup.num_tokens, world.rank, world.size)
+    x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start, stop)
+    t = time.perf_counter()
+    weights = parallel.agree(world, load_weights, cfg.run.model, meta, placement, layout.ep_rank)
+    say(world, f"loaded weights in {time.perf_counter() - t:.1f} s "
+               f"({weights.nbytes / 2**20:.1f} MiB on rank 0)")
+
+    num_local = stop - start
+    batch = cfg.pipeline.batch_tokens or max(1, -(-setup.num_tokens // world.size))
+    num_batches = max(1, -(-(-(-setup.num_tokens // world.size)) // batch))
+    micro_batches, probe = choose_micro_batches(cfg, comm, meta, weights,
+                                                min(batch, -(-setup.num_tokens // world.size)))
+    mode = "overlapped" if cfg.pipeline.overlap else "blocking"
+    say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "
+               f"micro-batch(es), {mode} exchange")
+
+    moe_layers = list(meta.moe_layers)
+    tel = Telemetry(meta.num_layers, len(moe_layers), comm.size, meta.num_experts)
+    routing = None
+    if cfg.run.save_routing:
+        routing = {m: (np.full((num_local, meta.top_k), -1, np.int32),
+                       np.full((num_local, meta.top_k), -1, np.int32))
+                   for m in range(len(moe_layers))}
+    bias = np.zeros((len(moe_layers), meta.num_experts), dtype=np.float32)
+    ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, bias, tel,
+                  Scheduler(tel), routing)
+    exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
+                            blocking=not cfg.pipeline.overlap) for _ in range(micro_batches)]
+    try:
+        hidden = np.empty_like(x)
+        t = time.perf_counter()
+        last_report = t
+        for b in range(num_batches):
+            lo, hi = min(b * batch, num_local), min((b + 1) * batch, num_local)
+            hidden[lo:hi] = run_batch(ctx, exchangers, x[lo:hi], lo)
+            now = time.perf_counter()
+            if now - last_report > 2 or b == num_batches - 1:
+                say(world, f"batch {b + 1}/{num_batches} done, {now - t:.1f} s")
+                last_report = now
+        forward_s = time.perf_counter() - t
+        if weights.final_norm is not None:
+            hidden = rmsnorm(hidden, weights.final_norm, meta.norm_eps)
+        pure_comm = np.zeros(meta.num_layers)
+        if cfg.pipeline.measure_pure_comm:
+            for m, layer in enumerate(moe_layers):
+                pure_comm[layer] = exchangers[0].replay(tel.exchanges[m])
+    finally:
+        for ex in exchangers:
+            ex.close()
+
+    elapsed = world.allreduce(forward_s, op=MPI.MAX)
+    say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens / elapsed:,.0f} tokens/s")
+    attrs = dict(
+        format="moempi-output", version=1, moempi_version=__version__,
+        config=cfg.to_dict(), world_size=world.size, ep=layout.ep, dp=layout.dp,
+        placement=placement.to_dict(), model_meta=dataclasses.asdict(meta), micro_batches=micro_batches,
+        probe=probe, versions=versions(), command_line=command_line,
+        forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
+    write_output(world, cfg, meta, attrs, hidden, tel, pure_comm, routing)
+    layout.free()
+    say(world, f"wrote {cfg.run.output}")
+    return cfg.run.output
+
+
+def overlap_percent(overall, compute, pure_comm):
+    """OSU definition: ``max(0, 100 (1 - (overall - compute) / pure_comm))``; NaN without comm."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = 100.0 * (1.0 - (overall - compute) / pure_comm)
+    return np.where(pure_comm > 0, np.maximum(pct, 0.0), np.nan)
+
+
+def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.ndarray,
+                 tel: Telemetry, pure_comm: np.ndarray, routing) -> None:
+    """Gather everything to rank 0 and write the output file (complete or absent)."""
+    seconds = {name: parallel.gather_stack(world, tel.seconds[name]) for name in TIMINGS}
+    pure = parallel.gather_stack(world, pure_comm)
+    traffic = parallel.gather_stack(world, tel.traffic)             # [P, L_moe, ep]
+    tokens_per_expert = parallel.sum_to_all(world, tel.tokens_per_expert)
+    rows = parallel.gather_stack(world, tel.rows_computed)          # [P, L_moe]
+    writer = None
+    if world.rank == 0:
+        writer = hdf5.OutputWriter(cfg.run.output, cfg.run.overwrite)
+    try:
+        if writer:
+            writer.attrs(**attrs)
+        _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_expert, rows,
+                   routing)
+        if writer:
+            writer.commit()
+    except BaseException:
+        if writer:
+            writer.discard()
+        raise
+
+
+def _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_expert, rows,
+               routing) -> None:
+    num_tokens = world.allreduce(len(hidden))
+    starts = world.allgather(shard(num_tokens, world.rank, world.size)[0])
+    ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4") if writer else None
+    parallel.stream_rows_to_root(world, hidden,
+                                 lambda r, i, chunk: ds.__setitem__(
+                                     slice(starts[r] + i, starts[r] + i + len(chunk)), chunk))
+    if routing is not None:
+        home = np.full(len(hidden), world.rank, dtype=np.int32)
+        hds = writer.dataset("routing/home_rank", (num_tokens,), "i4") if writer else None
+        parallel.stream_rows_to_root(world, home, lambda r, i, chunk: hds.__setitem__(
+            slice(starts[r] + i, starts[r] + i + len(chunk)), chunk))
+        for m, layer in enumerate(meta.moe_layers):
+            for name, arr in zip(("topk_idx", "dest_rank"), routing[m]):
+                rds = (writer.dataset(f"routing/{layer:03d}/{name}", (num_tokens, meta.top_k),
+                                      "i4") if writer else None)
+                parallel.stream_rows_to_root(world, arr, lambda r, i, chunk, rds=rds:
+                                             rds.__setitem__(slice(starts[r] + i,
+                                                                   starts[r] + i + len(chunk)),
+                                                             chunk))
+    if not writer:
+        return
+    P = world.size
+    for name, data in seconds.items():
+        writer.array(f"timings/{name}", data, units="s", dims="rank, layer")
+    busy, wait, compute = seconds["busy"], seconds["wait"], seconds["compute"]
+    overall = busy + wait
+    writer.array("timings/overall", overall, units="s", dims="rank, layer")
+    writer.array("timings/pure_comm", pure, units="s", dims="rank, layer")
+    writer.array("timings/overlap", overlap_percent(overall, compute, pure), units="%",
+                 definition="max(0, 100 * (1 - (overall - compute) / pure_comm))")
+    moe = np.array(list(meta.moe_layers), dtype=np.int32)
+    writer.array("stats/moe_layers", moe)
+    writer.array("stats/tokens_per_expert", tokens_per_expert, dims="moe layer, expert")
+    writer.array("stats/tokens_per_rank", rows.T.copy(), dims="moe layer, rank")
+    # traffic: rows each rank sent to each rank of its expert group, as world ranks
+    ep = traffic.shape[2]
+    full = np.zeros((len(moe), P, P), dtype=np.int64)
+    for src in range(P):
+        base = (src // ep) * ep
+        full[:, src, base:base + ep] = traffic[src]
+    writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank")
+
+
+def versions() -> dict:
+    import h5py
+    import mpi4py
+    return {"moempi": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
+            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
+            "mpi4py": mpi4py.__version__,
+            "mpi": MPI.Get_library_version().splitlines()[0].strip()}
