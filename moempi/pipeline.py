@@ -49,17 +49,21 @@ class Telemetry:
     traffic: np.ndarray = None          # [L_moe, P] int64, rows sent to each rank
     tokens_per_expert: np.ndarray = None  # [L_moe, E] int64, pairs routed from this rank
     rows_computed: np.ndarray = None    # [L_moe] int64, rows this rank's experts computed
-    exchanges: list = None              # [L_moe] lists of (send_counts, recv_counts)
+    exchanges: list = None              # [L_moe] dicts (batch, micro-batch) -> (send_counts, recv_counts)
 
     def __post_init__(self):
         self.seconds = {name: np.zeros(self.num_layers) for name in TIMINGS}
         self.traffic = np.zeros((self.num_moe, self.num_ranks), dtype=np.int64)
         self.tokens_per_expert = np.zeros((self.num_moe, self.num_experts), dtype=np.int64)
         self.rows_computed = np.zeros(self.num_moe, dtype=np.int64)
-        self.exchanges = [[] for _ in range(self.num_moe)]
+        self.exchanges = [{} for _ in range(self.num_moe)]
 
     def add(self, name: str, layer: int, seconds: float) -> None:
         self.seconds[name][layer] += seconds
+
+    def exchanges_of(self, moe_index: int) -> list:
+        """A MoE layer's exchanges in (batch, micro-batch) order: the same order on every rank."""
+        return [counts for _, counts in sorted(self.exchanges[moe_index].items())]
 
 
 class Scheduler:
@@ -125,8 +129,9 @@ class Context:
 class MicroBatch:
     """One micro-batch's walk through the layers: ``steps`` yields the requests it waits on."""
 
-    def __init__(self, ctx: Context, exchanger, x: np.ndarray, token_offset: int):
+    def __init__(self, ctx: Context, exchanger, x: np.ndarray, token_offset: int, key: tuple):
         self.ctx = ctx
+        self.key = key               # (batch, micro-batch): identical on every rank
         self.exchanger = exchanger
         self.x = x                   # [n, H] float32, this micro-batch's residual stream
         self.offset = token_offset   # first row of x within the rank's shard
@@ -215,7 +220,7 @@ class MicroBatch:
         tel.rows_computed[m] += plan.num_recv
         live = topk_idx[dest_rank >= 0]
         tel.tokens_per_expert[m] += np.bincount(live, minlength=tel.num_experts)
-        tel.exchanges[m].append((plan.send_counts, plan.recv_counts))
+        tel.exchanges[m][self.key] = (plan.send_counts, plan.recv_counts)
         if ctx.routing is not None:
             idx, dest = ctx.routing[m]
             rows = slice(self.offset, self.offset + len(topk_idx))
@@ -229,13 +234,14 @@ def split_rows(num_rows: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def run_batch(ctx: Context, exchangers: list, x: np.ndarray, token_offset: int) -> np.ndarray:
+def run_batch(ctx: Context, exchangers: list, x: np.ndarray, token_offset: int,
+              batch: int) -> np.ndarray:
     """Forward one batch `[n, H]` float32 through the stack in ``len(exchangers)`` micro-batches.
 
     Every rank calls this with the same number of micro-batches (some may be empty).
     Returns the residual stream after the last layer (before the final norm).
     """
-    tasks = [MicroBatch(ctx, ex, x[a:b].copy(), token_offset + a)
-             for ex, (a, b) in zip(exchangers, split_rows(len(x), len(exchangers)))]
+    tasks = [MicroBatch(ctx, ex, x[a:b].copy(), token_offset + a, (batch, i))
+             for i, (ex, (a, b)) in enumerate(zip(exchangers, split_rows(len(x), len(exchangers))))]
     ctx.scheduler.run(tasks)
     return np.concatenate([t.x for t in tasks]) if tasks else x

@@ -144,7 +144,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         last_report = t
         for b in range(num_batches):
             lo, hi = min(b * batch, num_local), min((b + 1) * batch, num_local)
-            hidden[lo:hi] = run_batch(ctx, exchangers, x[lo:hi], lo)
+            hidden[lo:hi] = run_batch(ctx, exchangers, x[lo:hi], lo, b)
             now = time.perf_counter()
             if now - last_report > 2 or b == num_batches - 1:
                 say(world, f"batch {b + 1}/{num_batches} done, {now - t:.1f} s")
@@ -155,7 +155,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         pure_comm = np.zeros(meta.num_layers)
         if cfg.pipeline.measure_pure_comm:
             for m, layer in enumerate(moe_layers):
-                pure_comm[layer] = exchangers[0].replay(tel.exchanges[m])
+                pure_comm[layer] = exchangers[0].replay(tel.exchanges_of(m))
     finally:
         for ex in exchangers:
             ex.close()

@@ -1,0 +1,42 @@
+# moempi: make install | run | test | bench
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   := work/demo
+NP     ?= 4
+
+# MPICH from PyPI, oversubscribed on a small machine: yield instead of busy-polling,
+# launch with fork, one BLAS thread per rank.
+export MPIR_CVAR_CH4_PROGRESS_THROTTLE ?= true
+export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT ?= 1
+export MPIR_CVAR_POLLS_BEFORE_YIELD ?= 1
+export HYDRA_LAUNCHER ?= fork
+export OPENBLAS_NUM_THREADS ?= 1
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install run test bench clean gpu-check
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,plot]'
+	touch $@
+
+# The demo: a 61-layer model (4 experts, hidden 256) and 4096 tokens, generated on first
+# use, run on $(NP) ranks with the overlapped exchange, then summarised.
+run: install
+	@mkdir -p $(DEMO)
+	@test -f $(DEMO)/model.h5 || $(BIN)/moempi init-model $(DEMO)/model.h5 --preset small
+	@test -f $(DEMO)/tokens.h5 || $(BIN)/moempi make-tokens $(DEMO)/tokens.h5 --num-tokens 4096 --model $(DEMO)/model.h5
+	MPIEXEC_TIMEOUT=300 $(BIN)/mpiexec -n $(NP) $(BIN)/moempi run input/demo.toml --overwrite
+	$(BIN)/moempi inspect $(DEMO)/out.h5
+
+test: install
+	MPIEXEC_TIMEOUT=120 $(BIN)/python -m pytest -q tests
+
+bench: install
+	MPIEXEC_TIMEOUT=600 $(BIN)/mpiexec -n 2 $(BIN)/moempi bench all --calibration work/calibration.json
+
+clean:
+	rm -rf work .pytest_cache
