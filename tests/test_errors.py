@@ -1,0 +1,181 @@
+"""Bad input: a clear one-line error, non-zero exit within seconds on every rank, no output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import BIN, MPI_ENV, moempi, mpirun
+
+
+def expect_failure(tmp_path, n, args, message, timeout=40):
+    out = tmp_path / "out.h5"
+    start = time.monotonic()
+    proc = mpirun(n, "run", *args, "--output", out, check=False, timeout=timeout)
+    assert proc.returncode != 0, proc.stdout
+    assert time.monotonic() - start < timeout
+    assert message in proc.stderr, proc.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.h5.partial*"))
+    return proc
+
+
+def copy_model(files, tmp_path, name="e4.h5"):
+    dst = tmp_path / "model.h5"
+    shutil.copy(files / name, dst)
+    return dst
+
+
+def test_missing_model(files, tmp_path):
+    expect_failure(tmp_path, 2, ["--model", tmp_path / "nope.h5", "--tokens", files / "tok.h5"],
+                   "model file not found")
+
+
+def test_truncated_model(files, tmp_path):
+    model = copy_model(files, tmp_path)
+    data = model.read_bytes()
+    model.write_bytes(data[:len(data) // 2])
+    proc = expect_failure(tmp_path, 2, ["--model", model, "--tokens", files / "tok.h5"],
+                          str(model))
+    assert "truncated" in proc.stderr or "cannot" in proc.stderr
+
+
+def test_missing_dataset(files, tmp_path):
+    model = copy_model(files, tmp_path)
+    with h5py.File(model, "a") as f:
+        del f["layers/003/gate"]
+    expect_failure(tmp_path, 2, ["--model", model, "--tokens", files / "tok.h5"],
+                   "missing dataset /layers/003/gate")
+
+
+def test_wrong_shape(files, tmp_path):
+    model = copy_model(files, tmp_path)
+    with h5py.File(model, "a") as f:
+        del f["layers/002/norm"]
+        f["layers/002/norm"] = np.ones(63, dtype=np.float32)
+    expect_failure(tmp_path, 2, ["--model", model, "--tokens", files / "tok.h5"],
+                   "/layers/002/norm has shape (63,), expected (64,)")
+
+
+def test_wrong_dtype(files, tmp_path):
+    model = copy_model(files, tmp_path)
+    with h5py.File(model, "a") as f:
+        del f["layers/001/norm"]
+        f["layers/001/norm"] = np.ones(64, dtype=np.int32)
+    expect_failure(tmp_path, 2, ["--model", model, "--tokens", files / "tok.h5"],
+                   "unsupported dtype int32")
+
+
+def test_hidden_mismatch(files, tmp_path):
+    tokens = tmp_path / "t.h5"
+    moempi("make-tokens", tokens, "-n", "10", "--hidden", "32")
+    expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", tokens],
+                   "tokens have hidden size 32 but the model")
+
+
+def test_nan_in_tokens(files, tmp_path):
+    tokens = tmp_path / "t.h5"
+    shutil.copy(files / "tok.h5", tokens)
+    with h5py.File(tokens, "a") as f:
+        f["tokens"][250, 3] = np.nan            # on the last rank's shard
+    expect_failure(tmp_path, 3, ["--model", files / "e4.h5", "--tokens", tokens],
+                   "/tokens row 250 contains NaN or Inf")
+
+
+def test_inf_in_expert_weights(files, tmp_path):
+    """Only rank 1 reads expert 1's slab: it finds the Inf, every rank stops."""
+    model = copy_model(files, tmp_path)
+    with h5py.File(model, "a") as f:
+        f["layers/004/experts/w_out"][1, 0, 0] = 0x7F80   # bf16 +Inf
+    expect_failure(tmp_path, 4, ["--model", model, "--tokens", files / "tok.h5"],
+                   "rank 1:")
+
+
+def write_placement(tmp_path, **changes):
+    p = {"format": "moempi-placement", "version": 1, "num_ranks": 2, "num_experts": 4,
+         "layers": {"1": [[0], [1], [0], [1]]}}
+    p.update(changes)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(p))
+    return path
+
+
+def test_placement_rank_out_of_range(files, tmp_path):
+    p = write_placement(tmp_path, num_ranks=2, layers={"1": [[0], [1], [5], [1]]})
+    expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                                 "--placement", p, "--set", "parallel.allow_packing=true"],
+                   "rank 5, which does not exist")
+
+
+def test_placement_packing_not_allowed(files, tmp_path):
+    p = write_placement(tmp_path)
+    expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                                 "--placement", p], "gives rank 0 two experts")
+
+
+def test_placement_world_size(files, tmp_path):
+    p = write_placement(tmp_path, num_ranks=4, layers={})
+    expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                                 "--placement", p], "placement is for 4 ranks")
+
+
+def test_unknown_config_key(files, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[run]\nmodel = "m.h5"\n[pipeline]\nmicro_batch = 3\n')
+    expect_failure(tmp_path, 2, [cfg], "unknown key pipeline.micro_batch")
+
+
+def test_bad_set_value(files, tmp_path):
+    expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                                 "--set", "pipeline.micro_batches=many"],
+                   "pipeline.micro_batches must be int")
+
+
+def test_existing_output_not_overwritten(files, tmp_path):
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"keep me")
+    proc = mpirun(2, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                  "--output", out, check=False, timeout=40)
+    assert proc.returncode != 0 and "output exists" in proc.stderr
+    assert out.read_bytes() == b"keep me"
+
+
+FAULT = """
+import sys
+from moempi import cli, pipeline
+from mpi4py import MPI
+original = pipeline.MicroBatch._experts
+def broken(self, layer, plan, recv):
+    if MPI.COMM_WORLD.rank == 1 and layer.index == 3:
+        raise RuntimeError("injected failure")
+    return original(self, layer, plan, recv)
+pipeline.MicroBatch._experts = broken
+sys.argv = ["moempi", "run"] + sys.argv[1:]
+cli.main()
+"""
+
+
+def test_one_rank_failing_mid_run_aborts_job(files, tmp_path):
+    """An exception on one rank in the middle of the forward pass ends every rank promptly."""
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT)
+    out = tmp_path / "out.h5"
+    start = time.monotonic()
+    proc = mpirun(4, script, "--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                  "--output", out, python=True, check=False, timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 30
+    assert "rank 1" in proc.stderr and "injected failure" in proc.stderr
+    assert not out.exists()
+
+
+def test_help_without_mpi():
+    proc = moempi("run", "--help")
+    assert "mpiexec -n P moempi run" in proc.stdout
+    for cmd in ("init-model", "make-tokens", "inspect", "info"):
+        assert moempi(cmd, "--help").returncode == 0
