@@ -1,0 +1,42 @@
+"""Dispatch and combine: pure plan building (serial) and the invariants under mpiexec."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import mpirun
+from moempi.dispatch import make_plan, send_layout
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_invariants_under_mpi(n):
+    proc = mpirun(n, Path(__file__).with_name("mpi_dispatch.py"), python=True, timeout=90)
+    assert f"on {n} ranks" in proc.stdout
+
+
+def test_send_layout_groups_by_rank_then_expert():
+    topk_idx = np.array([[3, 0], [1, 2], [0, 3]], dtype=np.int32)
+    dest = np.array([[1, 0], [1, 0], [0, -1]], dtype=np.int32)   # expert e on rank e % 2
+    order, counts = send_layout(topk_idx, dest, num_ranks=2, num_experts=4)
+    # rank 0: expert 0 (pairs 1, 4), expert 2 (pair 3); rank 1: expert 1 (pair 2), expert 3 (pair 0)
+    assert order.tolist() == [1, 4, 3, 2, 0]
+    assert counts.tolist() == [[2, 0, 1, 0], [0, 1, 0, 1]]
+
+
+def test_make_plan_groups_received_rows_by_expert():
+    sent = np.array([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=np.int32)
+    received = np.array([[2, 0, 1, 0], [1, 0, 3, 0]], dtype=np.int32)  # from ranks 0 and 1
+    plan = make_plan(2, np.array([0, 1]), sent, received, local_experts=[0, 2])
+    assert plan.recv_counts.tolist() == [3, 4] and plan.recv_displs.tolist() == [0, 3]
+    slices = dict(plan.expert_slices())
+    # received rows: [e0, e0, e2 | e0, e2, e2, e2]
+    assert np.asarray(slices[0]).tolist() == [0, 1, 3]
+    assert np.asarray(slices[2]).tolist() == [2, 4, 5, 6]
+
+
+def test_make_plan_rejects_a_stray_expert():
+    from moempi.errors import MoempiError
+    received = np.array([[0, 1]], dtype=np.int32)
+    with pytest.raises(MoempiError, match="does not host"):
+        make_plan(2, np.array([], dtype=np.int64), np.zeros((1, 2), np.int32), received, [0])

@@ -1,0 +1,243 @@
+"""Serial tests of the performance and memory model (perf, memory) and `moempi plan`."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moempi.errors import MoempiError
+from moempi.memory import check_fits, memory_per_gpu, smallest_fitting_tp
+from moempi.perf import (Calibration, Hardware, Layout, choose_micro_batches, forward_time,
+                         pipeline_time, traffic_from_pairs, uniform_pairs)
+from moempi.plan import plan
+from moempi.shapes import PRESETS
+from moempi.topology import Topology
+
+DSV3 = PRESETS["deepseek-v3"]
+SEED = Hardware.from_topology(Topology())
+
+
+def invoke(*args):
+    return CliRunner().invoke(plan, list(args), catch_exceptions=False)
+
+
+# -- memory -------------------------------------------------------------------------------
+def test_seed_expert_bytes_reproduced():
+    assert DSV3.expert_bytes == 2 * 7168 * 2048 * 2 == 58_720_256
+    mem = memory_per_gpu(DSV3, ep=256, tp=1, tokens_per_gpu=1, micro_batches=1)
+    assert mem["experts"] == 58 * 58_720_256            # one expert of each of 58 MoE layers
+    out = invoke("--tokens-per-gpu", "64")
+    assert out.exit_code == 0 and "58.72 MB per expert" in out.output
+
+
+def test_memory_components_add_up_and_scale():
+    mem = memory_per_gpu(DSV3, ep=64, tp=2, tokens_per_gpu=1024, micro_batches=4)
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+    assert mem["experts"] == 58 * 4 * 58_720_256 // 2    # ceil(256/64) experts, halved by tp
+    assert mem["dense"] == 3 * 2 * 7168 * 18432 * 2
+    assert mem["gate"] == 58 * 7168 * 256 * 2
+    more = memory_per_gpu(DSV3, ep=64, tp=2, tokens_per_gpu=2048, micro_batches=4)
+    assert more["activations"] == 2 * mem["activations"] and more["experts"] == mem["experts"]
+    fewer_mb = memory_per_gpu(DSV3, ep=64, tp=2, tokens_per_gpu=1024, micro_batches=1)
+    assert fewer_mb["workspace"] > mem["workspace"]
+
+
+def test_smallest_fitting_tp_and_check_fits():
+    cap = 64e9
+    assert smallest_fitting_tp(DSV3, 256, 4096, 2, cap) == 1
+    need = memory_per_gpu(DSV3, 8, 1, 4096, 2)["total"]
+    assert need > cap
+    tp = smallest_fitting_tp(DSV3, 8, 4096, 2, cap)
+    assert tp == 2
+    assert memory_per_gpu(DSV3, 8, tp, 4096, 2)["total"] <= cap
+    assert memory_per_gpu(DSV3, 8, tp // 2, 4096, 2)["total"] > cap
+    with pytest.raises(MoempiError, match=r"needs 1\d\d\.\d\d GB per GPU of 64\.00 GB.*tp=2 would fit"):
+        check_fits(DSV3, 8, 1, 4096, 2, cap)
+    assert check_fits(DSV3, 8, 2, 4096, 2, cap)["total"] <= cap
+    assert smallest_fitting_tp(DSV3, 1, 4096, 2, 4e9) is None   # dense layers alone exceed it
+    with pytest.raises(MoempiError, match="no tp up to"):
+        check_fits(DSV3, 1, 1, 4096, 2, 4e9)
+
+
+# -- time ---------------------------------------------------------------------------------
+def test_pipeline_time_limits():
+    assert pipeline_time(2.0, 1.0, 0.1, 1) == pytest.approx(2.0 + 1.0 + 0.3)  # blocking
+    # no latency, compute-bound: tends to compute + exchange / m
+    assert pipeline_time(2.0, 1.0, 0.0, 100) == pytest.approx(2.0 + 1.0 / 100)
+    # exchange-bound: tends to exchange + compute / m
+    assert pipeline_time(1.0, 2.0, 0.0, 100) == pytest.approx(2.0 + 1.0 / 100)
+
+
+def test_choose_micro_batches_trends():
+    args = dict(tokens_per_rank=4096, meta=DSV3, num_ranks=256, gemm_flops=240e12,
+                bandwidth_Bps=1.44e12 / 8, wire_bytes=2)
+    assert choose_micro_batches(latency_s=0.0, **args) == 16
+    assert choose_micro_batches(latency_s=0.0, max_micro_batches=5, **args) == 5
+    picks = [choose_micro_batches(latency_s=lat, **args) for lat in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)]
+    assert picks == sorted(picks, reverse=True) and picks[0] > picks[-1] == 1
+    assert choose_micro_batches(**{**args, "tokens_per_rank": 3}, latency_s=0.0) == 3
+    with pytest.raises(MoempiError):
+        choose_micro_batches(latency_s=0.0, **{**args, "gemm_flops": 0})
+
+
+def test_uniform_traffic_fractions():
+    t = traffic_from_pairs(uniform_pairs(32, 1, 100, 2), 1, 8, "fat-tree")
+    assert t.compute_pairs == pytest.approx(200) and t.skew == pytest.approx(1)
+    assert t.intra_pairs == pytest.approx(200 * 7 / 32)       # 7 other GPUs on the node
+    assert t.inter_pairs == pytest.approx(8 * 200 * 24 / 32)  # node uplink: 8 GPUs x 24/32 off-node
+    direct = traffic_from_pairs(uniform_pairs(32, 1, 100, 2), 1, 8, "direct")
+    assert direct.inter_pairs == pytest.approx(8 * 200 * 8 / 32)  # one of 3 node-pair links
+    single = traffic_from_pairs(uniform_pairs(8, 1, 100, 2), 1, 8, "fat-tree")
+    assert single.inter_pairs == 0
+
+
+def test_forward_time_figures():
+    fc = forward_time(DSV3, SEED, Layout(ep=256, tokens_per_gpu=4096, micro_batches=1))
+    moe = fc.moe_layers
+    assert len(fc.layers) == 61 and len(moe) == 58
+    expert = 4096 * 2 * 4 * 7168 * 2048 / 240e12
+    gate = 4096 * 2 * 7168 * 256 / 240e12
+    assert moe[0].compute_s == pytest.approx(expert + gate)
+    inter = 8 * 4096 * 2 * 248 / 256 * 7168 * 2 / 1.44e12     # fat-tree uplink, bf16
+    assert moe[0].dispatch_inter_s == pytest.approx(inter)
+    assert moe[0].blocking_s == pytest.approx(expert + gate + 2 * inter + 3e-4)
+    assert fc.forward_s == pytest.approx(3 * 4096 * 4 * 7168 * 18432 / 240e12 + 58 * moe[0].blocking_s)
+    auto = forward_time(DSV3, SEED, Layout(ep=256, tokens_per_gpu=4096))
+    assert auto.forward_s < fc.forward_s and auto.moe_layers[0].micro_batches > 1
+    fp32 = forward_time(DSV3, SEED, Layout(ep=256, micro_batches=1, precision="fp32"))
+    assert fp32.moe_layers[0].dispatch_s == pytest.approx(2 * fc.moe_layers[0].dispatch_s)
+
+
+def test_calibration_roundtrip_and_use(tmp_path):
+    cal = Calibration.from_measurements(5e10, {2: (2e-5, 1e9), 4: (4e-5, 5e8)}, "laptop")
+    path = tmp_path / "cal.json"
+    cal.save(str(path))
+    back = Calibration.load(str(path))
+    assert back == cal and json.loads(path.read_text())["format"] == "moempi-calibration"
+    assert back.alltoall_at(4) == (4e-5, 5e8)
+    lat, bw = back.alltoall_at(3)
+    assert 2e-5 < lat < 4e-5 and 5e8 < bw < 1e9
+    assert back.alltoall_at(64) == (4e-5, 5e8)                 # clamped
+    hw = back.hardware(2, Topology(nodes=1, gpus_per_node=2))
+    fc = forward_time(PRESETS["small"], hw, Layout(ep=2, tokens_per_gpu=512, micro_batches=1))
+    layer = fc.moe_layers[0]
+    assert layer.dispatch_s == pytest.approx(512 * 2 * 0.5 * 256 * 2 / 1e9)
+    assert layer.latency_s == pytest.approx(3 * 2e-5)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "moempi-calibration", "version": 1, "gemm_flops": 1}')
+    with pytest.raises(MoempiError, match="bad.json"):
+        Calibration.load(str(bad))
+
+
+# -- the command --------------------------------------------------------------------------
+def test_plan_sweep_and_json(tmp_path):
+    out_json = tmp_path / "sweep.json"
+    res = invoke("--sweep", "ep=16,64,256,1024", "--json", str(out_json))
+    assert res.exit_code == 0, res.output
+    rows = [l.split() for l in res.output.splitlines() if l.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["16", "64", "256", "1024"]
+    mem = [float(r[12]) for r in rows]
+    assert mem[0] > mem[1] > mem[2] == mem[3]                  # experts per GPU shrink to one
+    data = json.loads(out_json.read_text())
+    assert data["sweep"]["values"] == [16, 64, 256, 1024]
+    fcs = data["forecasts"]
+    assert [f["num_gpus"] for f in fcs] == [16, 64, 256, 1024]
+    assert fcs[-1]["tokens_per_s"] == pytest.approx(1024 * fcs[-1]["tokens_per_s_per_gpu"])
+    assert len(fcs[0]["layers"]) == 61
+
+
+def test_plan_single_json_reports_tp_when_not_fitting(tmp_path):
+    path = tmp_path / "p.json"
+    res = invoke("--ep", "8", "--json", str(path))
+    assert res.exit_code == 0 and "smallest fitting tp = 2" in res.output
+    data = json.loads(path.read_text())
+    assert data["fits"] is False and data["smallest_fitting_tp"] == 2
+    assert data["memory_bytes"]["total"] > data["memory_capacity_bytes"]
+
+
+def test_plan_trace_skew(tmp_path):
+    topo = tmp_path / "t.toml"
+    topo.write_text("nodes = 2\ngpus_per_node = 2\n")
+    meta = PRESETS["tiny"]                                      # 4 experts, MoE layers 1..5
+    n = 400
+    trace = tmp_path / "out.h5"
+    with h5py.File(trace, "w") as f:
+        f.attrs["world_size"] = 4
+        f["routing/home_rank"] = (np.arange(n) * 4 // n).astype(np.int32)
+        for layer in meta.moe_layers:
+            idx = np.tile([0, 1], (n, 1)) if layer == 1 else np.stack(
+                [np.arange(n) % 4, (np.arange(n) + 1) % 4], axis=1)
+            f[f"routing/{layer:03d}/topk_idx"] = idx.astype(np.int32)
+    path = tmp_path / "p.json"
+    res = invoke("--preset", "tiny", "--topology", str(topo), "--trace", str(trace),
+                 "--micro-batches", "1", "--json", str(path))
+    assert res.exit_code == 0, res.output
+    layers = {l["layer"]: l for l in json.loads(path.read_text())["layers"]}
+    assert layers[1]["skew"] == pytest.approx(2.0)              # experts 0 and 1 take all
+    assert layers[2]["skew"] == pytest.approx(1.0)
+    assert layers[1]["compute_s"] > layers[2]["compute_s"]
+
+
+def test_plan_placement_packing(tmp_path):
+    pl = tmp_path / "pl.json"
+    pl.write_text(json.dumps({"format": "moempi-placement", "version": 1, "num_ranks": 2,
+                              "num_experts": 4, "layers": {"1": [[0], [0], [0], [1]]}}))
+    path = tmp_path / "p.json"
+    res = invoke("--preset", "tiny", "--ep", "2", "--placement", str(pl), "--json", str(path))
+    assert res.exit_code == 0, res.output
+    layers = {l["layer"]: l for l in json.loads(path.read_text())["layers"]}
+    assert layers[1]["skew"] == pytest.approx(1.5) and layers[2]["skew"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "bogus=1,2"], "--sweep"),
+    (["--sweep", "ep=a,b"], "integers"),
+    (["--micro-batches", "zero"], "--micro-batches"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--tp", "3"], "tp (3) must divide"),
+    (["--ep", "0"], "ep must be >= 1"),
+    (["--hardware", "/nonexistent/cal.json"], "calibration file not found"),
+    (["--trace", "/nonexistent/out.h5"], "trace file not found"),
+])
+def test_plan_bad_input(args, message):
+    res = CliRunner().invoke(plan, args)
+    assert res.exit_code != 0 and message in res.output
+
+
+def test_plan_help_explains():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for word in ("--sweep", "--hardware", "--trace", "--micro-batches", "smallest TP"):
+        assert word in res.output
+
+
+def test_plan_reads_model_file(tmp_path):
+    from moempi.hdf5 import write_model
+    path = tmp_path / "m.h5"
+    write_model(str(path), PRESETS["tiny"], seed=1)
+    res = invoke("--model", str(path), "--ep", "4", "--tokens-per-gpu", "64")
+    assert res.exit_code == 0, res.output
+    assert f"{PRESETS['tiny'].expert_bytes / 1e6:.2f} MB per expert" in res.output
+    assert "moe x5" in res.output
+
+
+def test_hides_threshold_matches_analytic_knee():
+    # hides iff dispatch + combine + 6 latency <= compute, i.e. T >= 6a / (c - x) per token
+    c = (4 * 7168 * 2048 * 2 + 2 * 7168 * 256) / 240e12
+    x = 2 * 8 * 2 * (248 / 256) * 7168 * 2 / 1.44e12
+    knee = 6e-4 / (c - x)
+    below = forward_time(DSV3, SEED, Layout(ep=256, tokens_per_gpu=int(knee * 0.97)))
+    above = forward_time(DSV3, SEED, Layout(ep=256, tokens_per_gpu=int(knee * 1.03)))
+    assert not below.moe_layers[0].hidden and above.moe_layers[0].hidden
+
+
+def test_dp_and_tp_scale_gpus_not_per_gpu_time():
+    base = forward_time(DSV3, SEED, Layout(ep=32, micro_batches=2))
+    dp = forward_time(DSV3, SEED, Layout(ep=32, dp=4, micro_batches=2))
+    assert dp.forward_s == pytest.approx(base.forward_s)
+    assert dp.tokens_per_s == pytest.approx(4 * base.tokens_per_s)
+    tp = forward_time(DSV3, SEED, Layout(ep=32, tp=2, micro_batches=2))
+    assert tp.memory["experts"] == base.memory["experts"] // 2
+    assert tp.moe_layers[0].dispatch_intra_s > base.moe_layers[0].dispatch_intra_s  # TP gather

@@ -1,0 +1,146 @@
+"""Serial unit tests of the pure parts: config, placement, gating, BF16 codec, HDF5 files."""
+
+from __future__ import annotations
+
+import h5py
+import ml_dtypes
+import numpy as np
+import pytest
+
+from moempi import hdf5
+from moempi.config import build_config, parse_value
+from moempi.errors import MoempiError
+from moempi.gating import gate_probs, route
+from moempi.pipeline import split_rows
+from moempi.placement import Placement, assign_replicas, default_hosts
+from moempi.shapes import PRESETS
+
+
+# -- config ----------------------------------------------------------------------------
+def test_config_overrides_and_types():
+    cfg = build_config({"run": {"model": "m.h5", "tokens": "t.h5"}},
+                       {"pipeline.micro_batches": parse_value("4"),
+                        "balance.rate": parse_value("0.01"),
+                        "run.output": parse_value("out.h5")}).validate()
+    assert cfg.pipeline.micro_batches == 4 and cfg.balance.rate == 0.01
+    assert cfg.run.output == "out.h5"
+
+
+@pytest.mark.parametrize("data,overrides,message", [
+    ({"runn": {}}, {}, "unknown section [runn]"),
+    ({"run": {"modle": "x"}}, {}, "unknown key run.modle"),
+    ({}, {"pipeline.overlap": 3}, "pipeline.overlap must be bool"),
+    ({}, {"nosection": 1}, "expected section.key"),
+])
+def test_config_errors(data, overrides, message):
+    with pytest.raises(MoempiError) as err:
+        build_config(data, overrides)
+    assert message in str(err.value)
+
+
+def test_config_requires_model_and_tokens():
+    with pytest.raises(MoempiError, match="run.model is required"):
+        build_config({}).validate()
+
+
+# -- placement -------------------------------------------------------------------------
+def test_default_hosts_rules():
+    assert default_hosts(4, 4) == ((0,), (1,), (2,), (3,))
+    assert default_hosts(3, 7) == ((0, 3, 6), (1, 4), (2, 5))      # replicas on spare ranks
+    assert default_hosts(5, 2) == ((0,), (1,), (0,), (1,), (0,))     # packing
+
+
+def test_placement_roundtrip_and_validation():
+    p = Placement.default(4, 4, range(1, 3))
+    q = Placement.from_dict(p.to_dict(), range(1, 3))
+    assert q.hosts == p.hosts
+    q.validate(4, 4)
+    with pytest.raises(MoempiError, match="placement is for 4 ranks"):
+        q.validate(3, 4)
+    with pytest.raises(MoempiError, match="not a MoE layer"):
+        Placement.from_dict({**p.to_dict(), "layers": {"0": [[0]] * 4}}, range(1, 3))
+
+
+def test_assign_replicas_even_split():
+    hosts = {0: ((0, 2), (1,))}
+    p = Placement(3, 2, hosts)
+    topk_idx = np.zeros((101, 1), dtype=np.int32)
+    dest = assign_replicas(topk_idx, *p.replica_table(0, 0), home_rank=0)
+    counts = np.bincount(dest.ravel(), minlength=3)
+    assert counts[1] == 0 and abs(counts[0] - counts[2]) <= 1
+
+
+def test_assign_replicas_prefers_home_node():
+    p = Placement(4, 1, {0: ((0, 2),)}, gpus_per_node=2)
+    topk_idx = np.zeros((10, 1), dtype=np.int32)
+    assert (assign_replicas(topk_idx, *p.replica_table(0, 3), home_rank=3) == 2).all()
+    assert (assign_replicas(topk_idx, *p.replica_table(0, 1), home_rank=1) == 0).all()
+
+
+# -- gating ----------------------------------------------------------------------------
+def test_route_ties_go_to_lower_expert_and_bias_only_selects():
+    probs = np.array([[0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]], dtype=np.float32)
+    idx, w = route(probs, 2, norm_topk_prob=False)
+    assert idx.tolist() == [[0, 1], [3, 2]]
+    bias = np.array([0, 0, 0, 1.0], dtype=np.float32)
+    idx, w = route(probs, 2, bias, norm_topk_prob=False)
+    assert idx[0].tolist() == [3, 0]
+    assert np.allclose(w[0], [0.25, 0.25])            # weights from the unbiased probs
+    idx, w = route(probs, 2, norm_topk_prob=True)
+    assert np.allclose(w.sum(1), 1)
+
+
+def test_gate_probs_is_softmax():
+    rng = np.random.default_rng(0)
+    h, g = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((8, 3)).astype(np.float32)
+    logits = h.astype(np.float64) @ g
+    ref = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.allclose(gate_probs(h, g), ref, atol=1e-6)
+
+
+# -- BF16 and files --------------------------------------------------------------------
+def test_bf16_codec_matches_ml_dtypes():
+    x = np.random.default_rng(1).standard_normal(1000).astype(np.float32) * 100
+    bits = hdf5.bf16_bits(x)
+    assert bits.dtype == np.uint16
+    assert np.array_equal(hdf5.bf16_decode(bits), x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert np.array_equal(hdf5.bf16_decode(hdf5.bf16_bits(hdf5.bf16_decode(bits))),
+                          hdf5.bf16_decode(bits))
+
+
+def test_model_file_layout(tmp_path):
+    path = tmp_path / "m.h5"
+    meta = PRESETS["tiny"].replace(num_experts=3)
+    hdf5.write_model(str(path), meta, seed=0)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "moempi-model" and f.attrs["version"] == 1
+        w = f["layers/002/experts/w_in"]
+        assert w.shape == (3, 64, 32) and w.dtype == np.uint16 and w.attrs["encoding"] == "bfloat16"
+        assert w.chunks is None                   # contiguous: one expert's slab is one read
+        assert f["layers/000/mlp/w_in"].shape == (64, 96)
+    assert hdf5.read_model_meta(str(path)) == meta
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_model_meta_errors(tmp_path):
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(MoempiError, match="not a moempi model"):
+        hdf5.read_model_meta(str(path))
+    path.write_bytes(b"not hdf5 at all")
+    with pytest.raises(MoempiError, match="cannot open model as HDF5"):
+        hdf5.read_model_meta(str(path))
+
+
+def test_tokens_are_seeded_and_chunked(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    hdf5.write_tokens(str(a), 5000, 16, seed=3)
+    hdf5.write_tokens(str(b), 5000, 16, seed=3)
+    assert np.array_equal(hdf5.read_tokens(str(a), 0, 5000), hdf5.read_tokens(str(b), 0, 5000))
+    assert hdf5.tokens_shape(str(a)) == (5000, 16)
+
+
+def test_split_rows_covers_everything():
+    assert split_rows(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert split_rows(2, 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]
