@@ -204,18 +204,65 @@ def inspect(output):
     summarise(output, click.echo)
 
 
+@cli.command("bench")
+@click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "calibrate",
+                                           "place"]), default="all")
+@click.option("--tokens", type=int, default=256, show_default=True, help="Tokens per rank.")
+@click.option("--layers", type=int, default=2, show_default=True, help="MoE layers per pass.")
+@click.option("--micro-batches", type=int, default=4, show_default=True,
+              help="Micro-batches in flight for the overlapped run.")
+@click.option("--calibration", type=click.Path(dir_okay=False),
+              help="Write the measured figures here (JSON) for `moempi plan --hardware`.")
+@click.option("--quick", is_flag=True, help="Small shapes (seconds), for tests.")
+def bench(what, tokens, layers, micro_batches, calibration, quick):
+    """Microbenchmarks under MPI, as ratios measured in one run:  mpiexec -n 2 moempi bench.
+
+    \b
+    expert     expert MLP FLOP/s in the real code path vs a plain numpy GEMM of the same shapes
+    exchange   dispatch+combine vs a raw mpi4py Alltoallv of the same bytes
+    overlap    overlapped vs blocking layer time on the real shape (H 7168, F 2048) and on a
+               communication-heavy shape (F chosen so compute and exchange take similar time)
+    calibrate  GEMM rate, Alltoallv latency and bandwidth -> --calibration FILE for `plan`
+    place      the placement benchmark (no MPI needed)
+    """
+    from mpi4py import MPI
+
+    from . import bench as b
+    world = MPI.COMM_WORLD
+
+    def echo(msg):
+        if world.rank == 0:
+            click.echo(msg)
+
+    if what in ("place",):
+        from .place.bench import run_benchmark
+        if world.rank == 0:
+            run_benchmark(echo=click.echo, quick=quick)
+        return
+    hidden, ffn = (512, 256) if quick else (7168, 2048)
+    real = b.Shape("real", hidden, ffn, tokens, layers)
+    echo(f"moempi bench on {world.size} rank(s), {b.platform.node()}; one BLAS thread per rank "
+         "recommended (OPENBLAS_NUM_THREADS=1)")
+    if what in ("all", "expert"):
+        b.bench_expert(world, real, echo)
+    if what in ("all", "exchange"):
+        b.bench_exchange(world, real, echo)
+        b.bench_exchange(world, real, echo, precision="bf16")
+    if what in ("all", "overlap"):
+        b.bench_overlap(world, real, echo, micro_batches)
+        heavy_ffn = b.comm_heavy_ffn(world, hidden, tokens)
+        b.bench_overlap(world, b.Shape("comm-heavy", hidden, heavy_ffn, tokens, layers), echo,
+                        micro_batches)
+    if what in ("all", "calibrate"):
+        b.calibrate(world, echo, calibration)
+
+
 def _register_optional():
     """Commands that live in their own modules."""
-    try:  # TEMPORARY while the modules are written
-        from .place.command import place
-        cli.add_command(place)
-    except ImportError:
-        pass
-    try:
-        from .plan import plan
-        cli.add_command(plan)
-    except ImportError:
-        pass
+    from .place.command import place
+    from .plan import plan
+    cli.add_command(place)
+    cli.add_command(plan)
 
 
 _register_optional()

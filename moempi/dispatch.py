@@ -147,7 +147,7 @@ class Exchanger:
         recv = self._buffer("dispatch_recv", plan.num_recv)
         yield from self._alltoallv(send, plan.send_counts, plan.send_displs,
                                    recv, plan.recv_counts, plan.recv_displs)
-        return self._decode(recv)
+        return self._decode(recv, "dispatch_f32")
 
     def combine(self, plan: DispatchPlan, y: np.ndarray):
         """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks; `[S, H]` float32 in send order."""
@@ -156,7 +156,7 @@ class Exchanger:
         recv = self._buffer("combine_recv", plan.num_send)
         yield from self._alltoallv(send, plan.recv_counts, plan.recv_displs,
                                    recv, plan.send_counts, plan.send_displs)
-        return self._decode(recv)
+        return self._decode(recv, "combine_f32")
 
     # -- measurement -----------------------------------------------------------------------
     def replay(self, counts: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -189,25 +189,27 @@ class Exchanger:
         else:
             yield self.comm.Ialltoallv(sendspec, recvspec)
 
-    def _buffer(self, name: str, rows: int) -> np.ndarray:
+    def _buffer(self, name: str, rows: int, dtype=None) -> np.ndarray:
         """A `[rows, H]` view of a grow-only buffer, reused across layers and batches."""
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows:
             buf = np.empty((max(rows, 1, int(1.25 * (0 if buf is None else buf.shape[0]))),
-                            self.hidden), dtype=self.wire)
+                            self.hidden), dtype=dtype or self.wire)
             self._buffers[name] = buf
         return buf[:rows]
 
     def _encode(self, x: np.ndarray, out: np.ndarray) -> None:
-        if self.bf16:
-            out[...] = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+        if self.bf16:   # round to nearest even, straight into the wire buffer
+            np.copyto(out.view(ml_dtypes.bfloat16), x, casting="unsafe")
         else:
             out[...] = x
 
-    def _decode(self, buf: np.ndarray) -> np.ndarray:
-        if self.bf16:
-            return (buf.astype(np.uint32) << 16).view(np.float32)
-        return buf
+    def _decode(self, buf: np.ndarray, name: str) -> np.ndarray:
+        if not self.bf16:
+            return buf
+        out = self._buffer(name, len(buf), np.float32)
+        np.copyto(out, buf.view(ml_dtypes.bfloat16), casting="unsafe")
+        return out
 
 
 def probe_network(comm: MPI.Comm, hidden: int, wire_bytes: int, rows: int = 256,

@@ -34,7 +34,8 @@ from .placement import Placement, assign_replicas
 # wait: time blocked for the layer's exchanges; busy: time running the layer's code.
 # A rank's wall time is the sum over layers of busy + wait.
 TIMINGS = ("gate", "dispatch", "expert", "combine", "compute", "wait", "busy")
-CHUNK_FLOP = 2e8      # expert compute per progress poll: a few ms on one CPU core
+CHUNK_FLOP = 1e9      # expert compute per progress poll: ~10 ms on one CPU core
+CHUNK_ROWS = 128      # but never fewer rows than this: small GEMMs run far below peak
 
 
 @dataclass
@@ -199,7 +200,7 @@ class MicroBatch:
         tel, meta = self.ctx.telemetry, self.ctx.weights.meta
         start = time.perf_counter()
         y = np.empty_like(recv, dtype=np.float32)
-        chunk = max(16, int(CHUNK_FLOP / (4 * meta.hidden_size * meta.moe_ffn_size)))
+        chunk = max(CHUNK_ROWS, int(CHUNK_FLOP / (4 * meta.hidden_size * meta.moe_ffn_size)))
         for e, rows in plan.expert_slices():
             w_in, w_out = layer.experts[e]
             if isinstance(rows, slice):

@@ -1,0 +1,210 @@
+"""Microbenchmarks: expert compute vs plain GEMM, exchange vs raw Alltoallv, overlapped vs blocking.
+
+Every figure is a ratio of two things measured in the same run on the same ranks, so it
+says how close moempi's code paths come to what the machine offers, whatever the machine.
+The runs go through the real code (``pipeline.run_batch`` and ``dispatch.Exchanger``) on
+weights made in memory, so no model file is needed.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from .dispatch import Exchanger, probe_network
+from .model import MoeLayer, Weights
+from .pipeline import Context, Scheduler, Telemetry, run_batch
+from .placement import Placement, assign_replicas
+from .shapes import ModelMeta
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    ffn: int
+    tokens: int          # tokens per rank
+    layers: int          # MoE layers
+
+
+def synthetic(comm: MPI.Comm, shape: Shape, seed: int = 0):
+    """An in-memory MoE stack: one expert per rank per layer, random weights and tokens."""
+    E, H, F = comm.size, shape.hidden, shape.ffn
+    meta = ModelMeta(hidden_size=H, moe_ffn_size=F, dense_ffn_size=1, num_layers=shape.layers,
+                     num_dense_layers=0, num_experts=max(E, 2), top_k=min(2, max(E, 2)),
+                     has_final_norm=False)
+    placement = Placement.default(meta.num_experts, comm.size, meta.moe_layers)
+    rng = np.random.default_rng([seed, comm.rank])
+    shared = np.random.default_rng(seed)
+    layers = []
+    for l in meta.moe_layers:
+        gate = (shared.standard_normal((H, meta.num_experts)) / H**0.5).astype(np.float32)
+        layer = MoeLayer(l, np.ones(H, np.float32), gate)
+        for e in placement.experts_on(l, comm.rank):
+            layer.experts[e] = ((rng.standard_normal((H, F)) / H**0.5).astype(np.float32),
+                                (rng.standard_normal((F, H)) / F**0.5).astype(np.float32))
+        layers.append(layer)
+    x = rng.standard_normal((shape.tokens, H)).astype(np.float32)
+    return Weights(meta, layers, None), placement, x
+
+
+def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
+            precision: str = "fp32") -> tuple[float, Telemetry, float]:
+    """One timed pass through ``run_batch``; returns (seconds, telemetry, pure exchange s)."""
+    meta = weights.meta
+    tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
+    bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
+    ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel))
+    exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
+                            blocking=not overlap) for _ in range(micro_batches)]
+    try:
+        comm.Barrier()
+        t = time.perf_counter()
+        run_batch(ctx, exchangers, x, 0, 0)
+        elapsed = time.perf_counter() - t
+        pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(meta.num_layers))
+    finally:
+        for ex in exchangers:
+            ex.close()
+    return comm.allreduce(elapsed, op=MPI.MAX), tel, comm.allreduce(pure, op=MPI.MAX)
+
+
+def plain_gemm_flops(hidden: int, ffn: int, rows: int, repeats: int = 3) -> float:
+    """The plain numpy GEMM rate on the expert's shapes: ``(rows, H) @ (H, F)`` then ``@ (F, H)``."""
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((rows, hidden), dtype=np.float32)
+    w_in = rng.standard_normal((hidden, ffn), dtype=np.float32)
+    w_out = rng.standard_normal((ffn, hidden), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        (h @ w_in) @ w_out
+        best = min(best, time.perf_counter() - t)
+    return 4.0 * rows * hidden * ffn / best
+
+
+def bench_expert(comm, shape: Shape, echo) -> dict:
+    """Expert MLP FLOP/s inside a real (blocking) run vs a plain numpy GEMM of the same rows."""
+    weights, placement, x = synthetic(comm, shape)
+    forward(comm, weights, placement, x[:8], 1, False)                # warm-up
+    _, tel, _ = forward(comm, weights, placement, x, 1, False)
+    rows = int(tel.rows_computed.sum())
+    run_flops = 4.0 * rows * shape.hidden * shape.ffn / max(tel.seconds["expert"].sum(), 1e-12)
+    per_layer = max(1, rows // shape.layers)
+    plain = plain_gemm_flops(shape.hidden, shape.ffn, per_layer)
+    ratio = comm.allreduce(run_flops / plain, op=MPI.MIN)
+    result = {"run_gflops": run_flops / 1e9, "plain_gflops": plain / 1e9, "ratio": ratio}
+    echo(f"expert MLP ({shape.name}, H={shape.hidden} F={shape.ffn}, {per_layer} rows/layer): "
+         f"run {run_flops / 1e9:.1f} GFLOP/s vs plain numpy GEMM {plain / 1e9:.1f} GFLOP/s "
+         f"-> ratio {ratio:.2f} (min over ranks)")
+    return result
+
+
+def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: int = 5) -> dict:
+    """Dispatch + combine through the Exchanger vs a raw mpi4py Alltoallv of the same bytes."""
+    weights, placement, x = synthetic(comm, shape)
+    meta = weights.meta
+    layer = weights.layers[0]
+    from .gating import gate_probs, route
+    topk_idx, _ = route(gate_probs(x, layer.gate), meta.top_k)
+    dest = assign_replicas(topk_idx, *placement.replica_table(layer.index, comm.rank), comm.rank)
+    ex = Exchanger(comm, meta.hidden_size, meta.num_experts, precision, blocking=True)
+    try:
+        plan = _drive(ex.plan(topk_idx, dest, sorted(layer.experts)))
+        ours = raw = float("inf")
+        itemsize = 2 if precision == "bf16" else 4
+        row = meta.hidden_size * itemsize
+        send = np.zeros(plan.num_send * row, np.uint8)
+        recv = np.zeros(plan.num_recv * row, np.uint8)
+        sc, sd = plan.send_counts.astype(np.int64) * row, plan.send_displs.astype(np.int64) * row
+        rc, rd = plan.recv_counts.astype(np.int64) * row, plan.recv_displs.astype(np.int64) * row
+        for _ in range(repeats):
+            comm.Barrier()
+            t = time.perf_counter()
+            y = _drive(ex.dispatch(plan, x))
+            _drive(ex.combine(plan, y))
+            ours = min(ours, time.perf_counter() - t)
+            comm.Barrier()
+            t = time.perf_counter()
+            comm.Alltoallv([send, (sc, sd), MPI.BYTE], [recv, (rc, rd), MPI.BYTE])
+            comm.Alltoallv([recv, (rc, rd), MPI.BYTE], [send, (sc, sd), MPI.BYTE])
+            raw = min(raw, time.perf_counter() - t)
+    finally:
+        ex.close()
+    ours, raw = comm.allreduce(ours, op=MPI.MAX), comm.allreduce(raw, op=MPI.MAX)
+    nbytes = comm.allreduce(2 * plan.num_send * meta.hidden_size * itemsize)
+    result = {"ours_s": ours, "raw_s": raw, "ratio": raw / ours, "bytes": nbytes}
+    echo(f"exchange ({shape.name}, {precision}, {nbytes / 2**20:.1f} MiB both ways): dispatch+combine "
+         f"{nbytes / ours / 1e9:.2f} GB/s vs raw Alltoallv {nbytes / raw / 1e9:.2f} GB/s "
+         f"-> ratio {raw / ours:.2f}")
+    return result
+
+
+def bench_overlap(comm, shape: Shape, echo, micro_batches: int = 4) -> dict:
+    """Overlapped (``micro_batches`` in flight) vs blocking layer time, and the overlap %."""
+    weights, placement, x = synthetic(comm, shape)
+    forward(comm, weights, placement, x[:8], 1, False)                 # warm-up
+    blocking, tel_b, pure = forward(comm, weights, placement, x, 1, False)
+    overlapped, tel_o, _ = forward(comm, weights, placement, x, micro_batches, True)
+    compute = comm.allreduce(tel_b.seconds["compute"].sum(), op=MPI.MAX)
+    overall_o = tel_o.seconds["busy"].sum() + tel_o.seconds["wait"].sum()
+    compute_o = tel_o.seconds["compute"].sum()
+    pct = max(0.0, 100 * (1 - (overall_o - compute_o) / max(pure, 1e-12)))
+    pct = comm.allreduce(pct, op=MPI.MIN)
+    L = shape.layers
+    result = {"blocking_layer_s": blocking / L, "overlapped_layer_s": overlapped / L,
+              "compute_layer_s": compute / L, "exchange_layer_s": pure / L,
+              "overlapped_vs_blocking": overlapped / blocking,
+              "overlapped_vs_ideal": overlapped / max(compute, pure), "overlap_pct": pct,
+              "micro_batches": micro_batches}
+    echo(f"overlap ({shape.name}, H={shape.hidden} F={shape.ffn}, {shape.tokens} tokens/rank, "
+         f"{micro_batches} micro-batches): per layer blocking {blocking / L * 1e3:.1f} ms, "
+         f"overlapped {overlapped / L * 1e3:.1f} ms, compute alone {compute / L * 1e3:.1f} ms, "
+         f"exchange alone {pure / L * 1e3:.1f} ms")
+    echo(f"  overlapped/blocking {result['overlapped_vs_blocking']:.2f}, overlapped/max(compute, "
+         f"exchange) {result['overlapped_vs_ideal']:.2f} (1.0 = perfect), overlap {pct:.0f} % "
+         f"(OSU, min over ranks)")
+    return result
+
+
+def comm_heavy_ffn(comm, hidden: int, tokens: int) -> int:
+    """The expert hidden size F at which one layer's compute takes about as long as its exchange."""
+    latency, bandwidth = probe_network(comm, hidden, 4)
+    exchange_s = 2 * (latency + 2 * tokens * hidden * 4 / bandwidth)
+    flops = comm.bcast(plain_gemm_flops(hidden, 256, 2 * tokens), root=0)
+    ffn = int(exchange_s * flops / (4 * 2 * tokens * hidden))
+    return int(max(16, min(2048, 16 * round(ffn / 16))))
+
+
+def calibrate(comm, echo, path: str | None) -> dict:
+    """GEMM rate and Alltoallv latency/bandwidth of this machine, for ``moempi plan --hardware``."""
+    from .perf import Calibration
+    flops = comm.allreduce(plain_gemm_flops(7168, 2048, 256), op=MPI.MIN)
+    latency, bandwidth = probe_network(comm, 7168, 2, rows=64)
+    machine = (f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
+               + f", {comm.size} ranks")
+    cal = Calibration.from_measurements(flops, {comm.size: (latency, bandwidth)}, machine)
+    echo(f"calibration: GEMM {flops / 1e9:.1f} GFLOP/s per rank, Alltoallv latency "
+         f"{latency * 1e6:.0f} us, bandwidth {bandwidth / 1e9:.2f} GB/s per rank")
+    if path and comm.rank == 0:
+        cal.save(path)
+        echo(f"wrote {path}")
+    return cal.to_dict()
+
+
+def _drive(gen):
+    """Run an exchange generator to completion (blocking exchangers yield nothing)."""
+    try:
+        request = next(gen)
+        while True:
+            request.Wait()
+            request = gen.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+REAL = Shape("real", 7168, 2048, 256, 2)
