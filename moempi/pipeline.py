@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
+from .balance import apply_capacity, capacity, topk_weights_for
 from .experts import mlp, rmsnorm
 from .gating import gate_probs, route
 from .model import DenseLayer, Weights
@@ -51,6 +52,8 @@ class Telemetry:
     tokens_per_expert: np.ndarray = None  # [L_moe, E] int64, pairs routed from this rank
     rows_computed: np.ndarray = None    # [L_moe] int64, rows this rank's experts computed
     exchanges: list = None              # [L_moe] dicts (batch, micro-batch) -> (send_counts, recv_counts)
+    rerouted: np.ndarray = None         # [L_moe] int64, pairs moved to another expert (capacity)
+    dropped: np.ndarray = None          # [L_moe] int64, pairs dropped (capacity)
 
     def __post_init__(self):
         self.seconds = {name: np.zeros(self.num_layers) for name in TIMINGS}
@@ -58,6 +61,8 @@ class Telemetry:
         self.tokens_per_expert = np.zeros((self.num_moe, self.num_experts), dtype=np.int64)
         self.rows_computed = np.zeros(self.num_moe, dtype=np.int64)
         self.exchanges = [{} for _ in range(self.num_moe)]
+        self.rerouted = np.zeros(self.num_moe, dtype=np.int64)
+        self.dropped = np.zeros(self.num_moe, dtype=np.int64)
 
     def add(self, name: str, layer: int, seconds: float) -> None:
         self.seconds[name][layer] += seconds
@@ -119,6 +124,8 @@ class Context:
     telemetry: Telemetry
     scheduler: Scheduler
     routing: dict | None = None      # layer -> (topk_idx [n, K], dest_rank [n, K]) to fill
+    capacity_factor: float = 0.0     # per-replica capacity as a multiple of the mean; 0 = dropless
+    reroute: bool = True             # overflow to the next-best expert with room (else drop)
     replica_tables: dict = field(default_factory=dict)
 
     def replicas(self, layer: int):
@@ -159,6 +166,14 @@ class MicroBatch:
             m = l - meta.num_dense_layers
             probs = gate_probs(h, layer.gate)
             topk_idx, topk_weights = route(probs, meta.top_k, ctx.bias[m], meta.norm_topk_prob)
+            if ctx.capacity_factor > 0:
+                replicas = np.array([len(r) for r in ctx.placement.hosts[l]])
+                room = capacity(topk_idx.size, meta.num_experts, replicas, ctx.capacity_factor)
+                topk_idx, moved, lost = apply_capacity(probs + ctx.bias[m], topk_idx, room,
+                                                       ctx.reroute)
+                topk_weights = topk_weights_for(probs, topk_idx, meta.norm_topk_prob)
+                tel.rerouted[m] += moved
+                tel.dropped[m] += lost
             dest_rank = assign_replicas(topk_idx, *ctx.replicas(l), ctx.ep_rank)
             local = sorted(layer.experts)
             now = time.perf_counter()

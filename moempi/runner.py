@@ -11,6 +11,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import __version__, hdf5, parallel
+from .balance import BiasBalancer, max_violation
 from .config import Config
 from .dispatch import Exchanger, probe_network
 from .errors import MoempiError
@@ -133,9 +134,11 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         routing = {m: (np.full((num_local, meta.top_k), -1, np.int32),
                        np.full((num_local, meta.top_k), -1, np.int32))
                    for m in range(len(moe_layers))}
-    bias = np.zeros((len(moe_layers), meta.num_experts), dtype=np.float32)
-    ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, bias, tel,
-                  Scheduler(tel), routing)
+    balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
+    ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, balancer.bias,
+                  tel, Scheduler(tel), routing, cfg.balance.capacity_factor,
+                  cfg.balance.overflow == "reroute")
+    history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
                             blocking=not cfg.pipeline.overlap) for _ in range(micro_batches)]
     try:
@@ -144,7 +147,12 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         last_report = t
         for b in range(num_batches):
             lo, hi = min(b * batch, num_local), min((b + 1) * batch, num_local)
+            before = tel.tokens_per_expert.copy()
+            history["bias"].append(balancer.bias.copy())
             hidden[lo:hi] = run_batch(ctx, exchangers, x[lo:hi], lo, b)
+            load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
+            history["tokens_per_expert"].append(load)
+            balancer.update(load)
             now = time.perf_counter()
             if now - last_report > 2 or b == num_batches - 1:
                 say(world, f"batch {b + 1}/{num_batches} done, {now - t:.1f} s")
@@ -168,7 +176,12 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         placement=placement.to_dict(), model_meta=dataclasses.asdict(meta), micro_batches=micro_batches,
         probe=probe, versions=versions(), command_line=command_line,
         forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
-    write_output(world, cfg, meta, attrs, hidden, tel, pure_comm, routing)
+    if cfg.balance.enabled:
+        vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
+        say(world, f"load balancing: MaxVio (mean over layers) first batch {vio[0]:.3f}, "
+                   f"last batch {vio[-1]:.3f}")
+    attrs["batch_tokens"] = batch
+    write_output(world, cfg, meta, attrs, hidden, tel, pure_comm, routing, history)
     layout.free()
     say(world, f"wrote {cfg.run.output}")
     return cfg.run.output
@@ -182,13 +195,15 @@ def overlap_percent(overall, compute, pure_comm):
 
 
 def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.ndarray,
-                 tel: Telemetry, pure_comm: np.ndarray, routing) -> None:
+                 tel: Telemetry, pure_comm: np.ndarray, routing, history: dict) -> None:
     """Gather everything to rank 0 and write the output file (complete or absent)."""
     seconds = {name: parallel.gather_stack(world, tel.seconds[name]) for name in TIMINGS}
     pure = parallel.gather_stack(world, pure_comm)
     traffic = parallel.gather_stack(world, tel.traffic)             # [P, L_moe, ep]
     tokens_per_expert = parallel.sum_to_all(world, tel.tokens_per_expert)
     rows = parallel.gather_stack(world, tel.rows_computed)          # [P, L_moe]
+    rerouted = parallel.sum_to_all(world, tel.rerouted)
+    dropped = parallel.sum_to_all(world, tel.dropped)
     writer = None
     if world.rank == 0:
         writer = hdf5.OutputWriter(cfg.run.output, cfg.run.overwrite)
@@ -197,6 +212,15 @@ def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.nd
             writer.attrs(**attrs)
         _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_expert, rows,
                    routing)
+        if writer:
+            loads = np.stack(history["tokens_per_expert"])            # [B, L_moe, E]
+            writer.array("balance/bias", np.stack(history["bias"]),
+                         dims="batch, moe layer, expert", note="bias used for each batch")
+            writer.array("balance/tokens_per_expert", loads, dims="batch, moe layer, expert")
+            writer.array("balance/max_violation", max_violation(loads), dims="batch, moe layer",
+                         definition="max(load) / mean(load) - 1")
+            writer.array("stats/rerouted", rerouted, dims="moe layer")
+            writer.array("stats/dropped", dropped, dims="moe layer")
         if writer:
             writer.commit()
     except BaseException:
