@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from .backend import HostBackend
 from .dispatch import Exchanger, probe_network
 from .model import MoeLayer, Weights
 from .pipeline import Context, Scheduler, Telemetry, run_batch
@@ -58,7 +59,7 @@ def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
     meta = weights.meta
     tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
     bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
-    ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel))
+    ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HostBackend())
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
                             blocking=not overlap) for _ in range(micro_batches)]
     try:

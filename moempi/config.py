@@ -54,7 +54,7 @@ class BalanceSection:
 
 @dataclass(frozen=True)
 class BackendSection:
-    name: str = "numpy"              # "numpy" (CPU) or "cupy" (GPU)
+    name: str = "numpy"              # "numpy" (CPU), "cupy" (GPU), "standin" (CuPy code on numpy, for CI)
     cuda_aware: str = "auto"         # "auto" (ask the MPI library), "yes" or "no"
 
 
@@ -87,8 +87,9 @@ class Config:
             raise MoempiError("config: balance.rate, clip and capacity_factor must be >= 0")
         if b.overflow not in ("reroute", "drop"):
             raise MoempiError(f"config: balance.overflow must be reroute or drop, not {b.overflow!r}")
-        if self.backend.name not in ("numpy", "cupy"):
-            raise MoempiError(f"config: backend.name must be numpy or cupy, not {self.backend.name!r}")
+        if self.backend.name not in ("numpy", "cupy", "standin"):
+            raise MoempiError(f"config: backend.name must be numpy, cupy or standin, "
+                              f"not {self.backend.name!r}")
         if self.backend.cuda_aware not in ("auto", "yes", "no"):
             raise MoempiError("config: backend.cuda_aware must be auto, yes or no")
         return self

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
+from .backend import HostBackend, array_module
 from .errors import MoempiError
 
 
@@ -54,10 +54,14 @@ class DispatchPlan:
             if n:
                 yield e, idx
 
-    def unpermute(self, back: np.ndarray, num_tokens: int) -> np.ndarray:
-        """Combined rows `[S, H]` (send order) -> `[N, K, H]` per token and slot, 0 where dropped."""
-        out = np.zeros((num_tokens * self.top_k, back.shape[1]), dtype=np.float32)
-        out[self.pair_order] = back
+    def unpermute(self, back, num_tokens: int, order=None):
+        """Combined rows `[S, H]` (send order) -> `[N, K, H]` per token and slot, 0 where dropped.
+
+        ``order``: ``pair_order`` on the device of ``back`` (default: the host copy).
+        """
+        xp = array_module(back)
+        out = xp.zeros((num_tokens * self.top_k, back.shape[1]), dtype=xp.float32)
+        out[self.pair_order if order is None else order] = back
         return out.reshape(num_tokens, self.top_k, back.shape[1])
 
 
@@ -107,13 +111,16 @@ def _displs(counts: np.ndarray) -> np.ndarray:
 class Exchanger:
     """One micro-batch's exchange channel: a communicator, the wire format, reused buffers.
 
-    ``plan``, ``dispatch`` and ``combine`` are generators: nonblocking, each yields its
-    ``MPI.Request`` to the scheduler and returns its result when resumed after completion;
-    with ``blocking=True`` they call the blocking collective and yield nothing.
+    ``plan``, ``dispatch`` and ``combine`` are generators: nonblocking, each yields what it
+    waits for (an ``MPI.Request``; on a GPU also a :class:`moempi.backend.Ready` event for a
+    staged buffer) and returns its result when resumed after completion; with
+    ``blocking=True`` the collectives are blocking calls.  Buffers come from the backend:
+    host memory, pinned host memory, or device memory under CUDA-aware MPI.
     """
 
     def __init__(self, comm: MPI.Comm, hidden: int, num_experts: int, precision: str,
-                 blocking: bool = False):
+                 blocking: bool = False, backend=None):
+        self.backend = backend or HostBackend()
         self.comm = comm.Dup()
         self.hidden = hidden
         self.num_experts = num_experts
@@ -140,23 +147,29 @@ class Exchanger:
             yield self.comm.Ialltoall(sent, received)
         return make_plan(topk_idx.shape[1], pair_order, sent, received, local_experts)
 
-    def dispatch(self, plan: DispatchPlan, h: np.ndarray):
+    def dispatch(self, plan: DispatchPlan, h):
         """Send each pair's token row ``h`` `[N, H]` to its expert's rank; returns `[R, H]` float32."""
+        self._order = self.backend.index(plan.pair_order)       # on h's device
         send = self._buffer("dispatch_send", plan.num_send)
-        self._encode(h[plan.pair_order // plan.top_k], send)
+        ready = self.backend.pack(h, self._order // plan.top_k, send, self.bf16)
+        if ready is not None:       # the GPU copy must land before MPI reads the buffer
+            yield ready
         recv = self._buffer("dispatch_recv", plan.num_recv)
         yield from self._alltoallv(send, plan.send_counts, plan.send_displs,
                                    recv, plan.recv_counts, plan.recv_displs)
-        return self._decode(recv, "dispatch_f32")
+        return self.backend.unpack(recv, self.bf16, self._scratch("dispatch_f32", len(recv)))
 
-    def combine(self, plan: DispatchPlan, y: np.ndarray):
-        """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks; `[S, H]` float32 in send order."""
+    def combine(self, plan: DispatchPlan, y, num_tokens: int):
+        """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks: `[N, K, H]` float32."""
         send = self._buffer("combine_send", plan.num_recv)
-        self._encode(y, send)
+        ready = self.backend.pack_all(y, send, self.bf16)
+        if ready is not None:
+            yield ready
         recv = self._buffer("combine_recv", plan.num_send)
         yield from self._alltoallv(send, plan.recv_counts, plan.recv_displs,
                                    recv, plan.send_counts, plan.send_displs)
-        return self._decode(recv, "combine_f32")
+        back = self.backend.unpack(recv, self.bf16, self._scratch("combine_f32", len(recv)))
+        return plan.unpermute(back, num_tokens, self._order)
 
     # -- measurement -----------------------------------------------------------------------
     def replay(self, counts: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -189,27 +202,20 @@ class Exchanger:
         else:
             yield self.comm.Ialltoallv(sendspec, recvspec)
 
-    def _buffer(self, name: str, rows: int, dtype=None) -> np.ndarray:
-        """A `[rows, H]` view of a grow-only buffer, reused across layers and batches."""
+    def _buffer(self, name: str, rows: int, dtype=None, host: bool = False):
+        """A `[rows, H]` view of a grow-only exchange buffer, reused across layers and batches."""
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows:
-            buf = np.empty((max(rows, 1, int(1.25 * (0 if buf is None else buf.shape[0]))),
-                            self.hidden), dtype=dtype or self.wire)
+            shape = (max(rows, 1, int(1.25 * (0 if buf is None else buf.shape[0]))), self.hidden)
+            dtype = dtype or self.wire
+            buf = np.empty(shape, dtype) if host else self.backend.empty(shape, dtype)
             self._buffers[name] = buf
         return buf[:rows]
 
-    def _encode(self, x: np.ndarray, out: np.ndarray) -> None:
-        if self.bf16:   # round to nearest even, straight into the wire buffer
-            np.copyto(out.view(ml_dtypes.bfloat16), x, casting="unsafe")
-        else:
-            out[...] = x
-
-    def _decode(self, buf: np.ndarray, name: str) -> np.ndarray:
-        if not self.bf16:
-            return buf
-        out = self._buffer(name, len(buf), np.float32)
-        np.copyto(out, buf.view(ml_dtypes.bfloat16), casting="unsafe")
-        return out
+    def _scratch(self, name: str, rows: int):
+        """Host float32 rows for decoding BF16 (the host backend decodes in place of a copy)."""
+        return self._buffer(name, rows, np.float32, host=True) if self.bf16 and \
+            not self.backend.gpu else None
 
 
 def probe_network(comm: MPI.Comm, hidden: int, wire_bytes: int, rows: int = 256,

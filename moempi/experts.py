@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
+
 from .backend import array_module as _xp
 
 
@@ -37,5 +39,15 @@ ACTIVATIONS = {"gelu": gelu, "silu": silu, "relu": relu}
 
 
 def mlp(h, w_in, w_out, activation: str):
-    """``act(h @ w_in) @ w_out``: h `[N, H]`, w_in `[H, F]`, w_out `[F, H]` -> `[N, H]`."""
-    return ACTIVATIONS[activation](h @ w_in) @ w_out
+    """``act(h @ w_in) @ w_out``: h `[N, H]` float32, w_in `[H, F]`, w_out `[F, H]` -> `[N, H]` float32.
+
+    With BF16 weights (the GPU's production mode) the GEMM inputs are BF16 and the products
+    accumulate in float32 (cuBLAS GemmEx through CuPy's matmul on ``ml_dtypes.bfloat16``).
+    """
+    return _matmul(ACTIVATIONS[activation](_matmul(h, w_in)), w_out)
+
+
+def _matmul(a, w):
+    if w.dtype == ml_dtypes.bfloat16:
+        return (a.astype(ml_dtypes.bfloat16) @ w).astype(_xp(a).float32)
+    return a @ w

@@ -45,13 +45,15 @@ class Weights:
 
 
 def load_weights(path: str, meta: ModelMeta, placement: Placement, ep_rank: int,
-                 to_device=lambda a: a, progress=None) -> Weights:
+                 to_device=lambda a: a, expert_to_device=None, progress=None) -> Weights:
     """Read this rank's share of the model: shared layers whole, experts only where hosted.
 
     Expert slabs are read one expert at a time (``w_in[e]``, ``w_out[e]``), so a rank never
     touches the bytes of experts it does not host.  ``to_device`` moves each array to the
-    compute backend as it is read.
+    compute backend as it is read; ``expert_to_device`` (default: the same) may keep expert
+    matrices in BF16 for tensor-core GEMMs.
     """
+    expert_to_device = expert_to_device or to_device
     layers = []
     with ModelReader(path) as reader:
         for l in range(meta.num_layers):
@@ -60,7 +62,7 @@ def load_weights(path: str, meta: ModelMeta, placement: Placement, ep_rank: int,
             if meta.is_moe(l):
                 layer = MoeLayer(l, norm, to_device(reader.read(f"{g}/gate")))
                 for e in placement.experts_on(l, ep_rank):
-                    layer.experts[e] = tuple(to_device(w) for w in reader.expert(l, e))
+                    layer.experts[e] = tuple(expert_to_device(w) for w in reader.expert(l, e))
             else:
                 layer = DenseLayer(l, norm, to_device(reader.read(f"{g}/mlp/w_in")),
                                    to_device(reader.read(f"{g}/mlp/w_out")))

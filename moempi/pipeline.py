@@ -73,43 +73,61 @@ class Telemetry:
 
 
 class Scheduler:
-    """Runs micro-batch generators to completion, blocking only when none can go on."""
+    """Runs micro-batch generators to completion, blocking only when none can go on.
+
+    A micro-batch yields what it waits for: an ``MPI.Request``, or on a GPU a
+    :class:`moempi.backend.Ready` (an event marking a staged buffer).  Both answer ``Test()``.
+    With only MPI requests pending the scheduler blocks in ``MPI_Waitany``; with GPU work
+    pending it polls both, so MPI keeps progressing while kernels and copies run.
+    """
 
     def __init__(self, telemetry: Telemetry):
         self.telemetry = telemetry
-        self.pending: dict[int, MPI.Request] = {}
+        self.pending: dict = {}      # micro-batch index -> what it waits for
 
     def poll(self) -> None:
         """Let MPI progress the exchanges in flight (called between compute chunks)."""
-        if self.pending:
-            MPI.Request.Testall(list(self.pending.values()))
+        requests = [w for w in self.pending.values() if isinstance(w, MPI.Request)]
+        if requests:
+            MPI.Request.Testall(requests)
 
     def run(self, tasks: list) -> None:
-        """``tasks``: generators with a ``layer`` attribute on their state (see MicroBatch)."""
+        """``tasks``: :class:`MicroBatch` objects; runs their ``steps`` until all are done."""
         ready = deque(range(len(tasks)))
         while ready or self.pending:
             while ready:
                 i = ready.popleft()
                 try:
-                    request = next(tasks[i].steps)
+                    waitable = next(tasks[i].steps)
                 except StopIteration:
                     continue
-                if request.Test():
+                if waitable.Test():
                     ready.append(i)
                 else:
-                    self.pending[i] = request
+                    self.pending[i] = waitable
             if self.pending:
-                ids = list(self.pending)
                 start = time.perf_counter()
-                index = MPI.Request.Waitany([self.pending[i] for i in ids])
-                done = ids[index]
+                done = self._wait_any()
                 self.telemetry.add("wait", tasks[done].layer, time.perf_counter() - start)
-                del self.pending[done]
                 ready.append(done)
-                for i in ids:               # others completed meanwhile go on too
-                    if i in self.pending and self.pending[i].Test():
+                for i in list(self.pending):      # others completed meanwhile go on too
+                    if self.pending[i].Test():
                         del self.pending[i]
                         ready.append(i)
+
+    def _wait_any(self) -> int:
+        """Block (MPI only) or poll (GPU work pending) until one pending item completes."""
+        ids = list(self.pending)
+        items = [self.pending[i] for i in ids]
+        if all(isinstance(w, MPI.Request) for w in items):
+            done = ids[MPI.Request.Waitany(items)]
+            del self.pending[done]
+            return done
+        while True:
+            for i, w in zip(ids, items):
+                if w.Test():
+                    del self.pending[i]
+                    return i
 
 
 @dataclass
@@ -123,9 +141,11 @@ class Context:
     bias: np.ndarray                 # [L_moe, E] float32, load-balance bias (0 when off)
     telemetry: Telemetry
     scheduler: Scheduler
+    backend: object                  # moempi.backend: HostBackend or DeviceBackend
     routing: dict | None = None      # layer -> (topk_idx [n, K], dest_rank [n, K]) to fill
     capacity_factor: float = 0.0     # per-replica capacity as a multiple of the mean; 0 = dropless
     reroute: bool = True             # overflow to the next-best expert with room (else drop)
+    on_layer_done: object = None     # callable(micro_batch, layer) for progress reports, or None
     replica_tables: dict = field(default_factory=dict)
 
     def replicas(self, layer: int):
@@ -153,45 +173,69 @@ class MicroBatch:
         x = self.x
         for layer in ctx.weights.layers:
             l = self.layer = layer.index
-            start = time.perf_counter()
-            self._clock = start
+            start = self._clock = time.perf_counter()
             h = rmsnorm(x, layer.norm, meta.norm_eps)
             if isinstance(layer, DenseLayer):
                 x += mlp(h, layer.w_in, layer.w_out, meta.activation)
-                now = time.perf_counter()
-                tel.add("expert", l, now - start)
-                tel.add("compute", l, now - start)
-                tel.add("busy", l, now - start)
+                self._compute(l, start, "expert")
+                self._done(l)
                 continue
-            m = l - meta.num_dense_layers
-            probs = gate_probs(h, layer.gate)
-            topk_idx, topk_weights = route(probs, meta.top_k, ctx.bias[m], meta.norm_topk_prob)
-            if ctx.capacity_factor > 0:
-                replicas = np.array([len(r) for r in ctx.placement.hosts[l]])
-                room = capacity(topk_idx.size, meta.num_experts, replicas, ctx.capacity_factor)
-                topk_idx, moved, lost = apply_capacity(probs + ctx.bias[m], topk_idx, room,
-                                                       ctx.reroute)
-                topk_weights = topk_weights_for(probs, topk_idx, meta.norm_topk_prob)
-                tel.rerouted[m] += moved
-                tel.dropped[m] += lost
-            dest_rank = assign_replicas(topk_idx, *ctx.replicas(l), ctx.ep_rank)
-            local = sorted(layer.experts)
-            now = time.perf_counter()
-            tel.add("gate", l, now - start)
-            tel.add("compute", l, now - start)
-
-            plan = yield from self._exchange("dispatch", ex.plan(topk_idx, dest_rank, local))
+            # the MoE layer: route, dispatch, experts, combine
+            topk_idx, topk_weights, dest_rank = self._route(layer, h)
+            self._compute(l, start, "gate")
+            plan = yield from self._exchange("dispatch", ex.plan(topk_idx, dest_rank,
+                                                                 sorted(layer.experts)))
             recv = yield from self._exchange("dispatch", ex.dispatch(plan, h))
             y = self._experts(layer, plan, recv)
-            back = yield from self._exchange("combine", ex.combine(plan, y))
-
+            back = yield from self._exchange("combine", ex.combine(plan, y, len(x)))
             t = time.perf_counter()
-            x += np.einsum("nkh,nk->nh", plan.unpermute(back, len(x)), topk_weights)
-            self._record(m, topk_idx, dest_rank, plan)
-            now = time.perf_counter()
-            tel.add("compute", l, now - t)
-            tel.add("busy", l, now - self._clock)
+            x += self.xp.einsum("nkh,nk->nh", back, topk_weights)
+            self._record(l - meta.num_dense_layers, topk_idx, dest_rank, plan)
+            self._compute(l, t)
+            self._done(l)
         self.layer = len(ctx.weights.layers) - 1
+
+    @property
+    def xp(self):
+        return self.ctx.backend.xp
+
+    def _route(self, layer, h):
+        """Gate, top-k with the balance bias, capacity, replica choice for one MoE layer.
+
+        Returns ``topk_idx`` `[n, K]` int32 (host, -1 = dropped), ``topk_weights`` `[n, K]`
+        float32 (on h's device) and ``dest_rank`` `[n, K]` int32 (host).
+        """
+        ctx, meta, backend = self.ctx, self.ctx.weights.meta, self.ctx.backend
+        m = layer.index - meta.num_dense_layers
+        probs = gate_probs(h, layer.gate)
+        bias = backend.to_device(ctx.bias[m]) if ctx.bias[m].any() else None
+        topk_idx, topk_weights = route(probs, meta.top_k, bias, meta.norm_topk_prob)
+        topk_idx = backend.to_host(topk_idx)            # the plan is built on the host
+        if ctx.capacity_factor > 0:
+            probs = backend.to_host(probs)
+            replicas = np.array([len(r) for r in ctx.placement.hosts[layer.index]])
+            room = capacity(topk_idx.size, meta.num_experts, replicas, ctx.capacity_factor)
+            topk_idx, moved, lost = apply_capacity(probs + ctx.bias[m], topk_idx, room,
+                                                   ctx.reroute)
+            topk_weights = backend.to_device(topk_weights_for(probs, topk_idx,
+                                                              meta.norm_topk_prob))
+            ctx.telemetry.rerouted[m] += moved
+            ctx.telemetry.dropped[m] += lost
+        dest_rank = assign_replicas(topk_idx, *ctx.replicas(layer.index), ctx.ep_rank)
+        return topk_idx, topk_weights, dest_rank
+
+    def _compute(self, layer: int, since: float, kind: str | None = None) -> None:
+        """Count the time since ``since`` as compute (and as ``kind``) of ``layer``."""
+        tel, now = self.ctx.telemetry, time.perf_counter()
+        if kind:
+            tel.add(kind, layer, now - since)
+        tel.add("compute", layer, now - since)
+        tel.add("busy", layer, now - self._clock)
+        self._clock = now
+
+    def _done(self, layer: int) -> None:
+        if self.ctx.on_layer_done is not None:
+            self.ctx.on_layer_done(self.key[1], layer)
 
     def _exchange(self, name: str, step):
         """Run an exchange step; the time from posting to completion counts as ``name``."""
@@ -210,24 +254,26 @@ class MicroBatch:
         tel.add(name, l, time.perf_counter() - posted)
         return result
 
-    def _experts(self, layer, plan, recv: np.ndarray) -> np.ndarray:
-        """The local experts on the received rows, in chunks with MPI progress between them."""
-        tel, meta = self.ctx.telemetry, self.ctx.weights.meta
+    def _experts(self, layer, plan, recv):
+        """The local experts on the received rows `[R, H]`, in chunks with MPI progress between.
+
+        On a GPU the chunks are kernels enqueued on the compute stream: the polls between
+        them run while the GPU works.
+        """
+        meta, backend = self.ctx.weights.meta, self.ctx.backend
         start = time.perf_counter()
-        y = np.empty_like(recv, dtype=np.float32)
+        y = self.xp.empty(recv.shape, dtype=self.xp.float32)
         chunk = max(CHUNK_ROWS, int(CHUNK_FLOP / (4 * meta.hidden_size * meta.moe_ffn_size)))
         for e, rows in plan.expert_slices():
             w_in, w_out = layer.experts[e]
             if isinstance(rows, slice):
                 parts = [slice(s, min(s + chunk, rows.stop)) for s in range(rows.start, rows.stop, chunk)]
             else:
-                parts = [rows[s:s + chunk] for s in range(0, len(rows), chunk)]
+                parts = [backend.index(rows[s:s + chunk]) for s in range(0, len(rows), chunk)]
             for part in parts:
                 y[part] = mlp(recv[part], w_in, w_out, meta.activation)
                 self.ctx.scheduler.poll()
-        elapsed = time.perf_counter() - start
-        tel.add("expert", layer.index, elapsed)
-        tel.add("compute", layer.index, elapsed)
+        self._compute(layer.index, start, "expert")
         return y
 
     def _record(self, m: int, topk_idx, dest_rank, plan) -> None:
@@ -255,9 +301,10 @@ def run_batch(ctx: Context, exchangers: list, x: np.ndarray, token_offset: int,
     """Forward one batch `[n, H]` float32 through the stack in ``len(exchangers)`` micro-batches.
 
     Every rank calls this with the same number of micro-batches (some may be empty).
-    Returns the residual stream after the last layer (before the final norm).
+    ``x`` is on the host; returns the residual stream after the last layer (before the
+    final norm), on the host.
     """
-    tasks = [MicroBatch(ctx, ex, x[a:b].copy(), token_offset + a, (batch, i))
+    tasks = [MicroBatch(ctx, ex, ctx.backend.to_device(x[a:b]), token_offset + a, (batch, i))
              for i, (ex, (a, b)) in enumerate(zip(exchangers, split_rows(len(x), len(exchangers))))]
     ctx.scheduler.run(tasks)
-    return np.concatenate([t.x for t in tasks]) if tasks else x
+    return np.concatenate([ctx.backend.to_host(t.x) for t in tasks])

@@ -7,10 +7,12 @@ import sys
 import time
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
 from . import __version__, hdf5, parallel
+from .backend import make_backend
 from .balance import BiasBalancer, max_violation
 from .config import Config
 from .dispatch import Exchanger, probe_network
@@ -55,6 +57,29 @@ def prepare(cfg: Config, ep: int) -> Setup:
         placement = Placement.default(meta.num_experts, ep, meta.moe_layers)
     hdf5.check_output_path(run.output, run.overwrite)
     return Setup(meta, placement, num_tokens, not run.placement)
+
+
+class Progress:
+    """Rank 0's report of the slowest micro-batch's layer, at most every ``every`` seconds."""
+
+    def __init__(self, num_layers: int, num_batches: int, every: float = 2.0):
+        self.num_layers, self.num_batches, self.every = num_layers, num_batches, every
+        self.start = self.last = time.perf_counter()
+        self.batch = 0
+        self.reached: dict[int, int] = {}
+
+    def new_batch(self, batch: int, micro_batches: int) -> None:
+        self.batch = batch
+        self.reached = {m: -1 for m in range(micro_batches)}
+
+    def __call__(self, micro_batch: int, layer: int) -> None:
+        self.reached[micro_batch] = layer
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            low = min(self.reached.values()) + 1
+            print(f"  batch {self.batch + 1}/{self.num_batches}: layer {low}/{self.num_layers} "
+                  f"done by every micro-batch, {now - self.start:.1f} s", flush=True)
 
 
 def shard(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
@@ -111,10 +136,18 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                f"experts, hidden {meta.hidden_size}, {setup.num_tokens} tokens, "
                f"precision {cfg.run.precision}")
 
+    backend = parallel.agree(world, make_backend, cfg.backend.name, world, cfg.backend.cuda_aware)
+    devices = world.gather(backend.describe(), root=0)
+    if backend.gpu and world.rank == 0:
+        say(world, "devices: " + "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)))
     start, stop = shard(setup.num_tokens, world.rank, world.size)
     x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start, stop)
     t = time.perf_counter()
-    weights = parallel.agree(world, load_weights, cfg.run.model, meta, placement, layout.ep_rank)
+    expert_to_device = None
+    if backend.gpu and cfg.run.precision == "bf16":      # BF16 tensor-core GEMMs
+        expert_to_device = lambda w: backend.to_device(w, ml_dtypes.bfloat16)  # noqa: E731
+    weights = parallel.agree(world, load_weights, cfg.run.model, meta, placement, layout.ep_rank,
+                             backend.to_device, expert_to_device)
     say(world, f"loaded weights in {time.perf_counter() - t:.1f} s "
                f"({weights.nbytes / 2**20:.1f} MiB on rank 0)")
 
@@ -136,11 +169,14 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                    for m in range(len(moe_layers))}
     balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
     ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, balancer.bias,
-                  tel, Scheduler(tel), routing, cfg.balance.capacity_factor,
+                  tel, Scheduler(tel), backend, routing, cfg.balance.capacity_factor,
                   cfg.balance.overflow == "reroute")
+    progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
+    ctx.on_layer_done = progress
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
-                            blocking=not cfg.pipeline.overlap) for _ in range(micro_batches)]
+                            blocking=not cfg.pipeline.overlap, backend=backend)
+                  for _ in range(micro_batches)]
     try:
         hidden = np.empty_like(x)
         t = time.perf_counter()
@@ -149,6 +185,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             lo, hi = min(b * batch, num_local), min((b + 1) * batch, num_local)
             before = tel.tokens_per_expert.copy()
             history["bias"].append(balancer.bias.copy())
+            if progress:
+                progress.new_batch(b, micro_batches)
             hidden[lo:hi] = run_batch(ctx, exchangers, x[lo:hi], lo, b)
             load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
             history["tokens_per_expert"].append(load)
@@ -159,7 +197,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                 last_report = now
         forward_s = time.perf_counter() - t
         if weights.final_norm is not None:
-            hidden = rmsnorm(hidden, weights.final_norm, meta.norm_eps)
+            hidden = rmsnorm(hidden, backend.to_host(weights.final_norm), meta.norm_eps)
         pure_comm = np.zeros(meta.num_layers)
         if cfg.pipeline.measure_pure_comm:
             for m, layer in enumerate(moe_layers):
@@ -174,7 +212,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         format="moempi-output", version=1, moempi_version=__version__,
         config=cfg.to_dict(), world_size=world.size, ep=layout.ep, dp=layout.dp,
         placement=placement.to_dict(), model_meta=dataclasses.asdict(meta), micro_batches=micro_batches,
-        probe=probe, versions=versions(), command_line=command_line,
+        probe=probe, versions=versions(), command_line=command_line, devices=devices,
         forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
     if cfg.balance.enabled:
         vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
