@@ -1,4 +1,6 @@
 # moempi: make install | run | test | bench
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,6 +17,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install run test bench clean gpu-check
+MPIEXEC ?= $(BIN)/mpiexec
 
 install: $(VENV)/.installed
 
@@ -37,6 +40,18 @@ test: install
 
 bench: install
 	MPIEXEC_TIMEOUT=600 $(BIN)/mpiexec -n 2 $(BIN)/moempi bench all --calibration work/calibration.json
+
+# The GPU checks, on a machine with a GPU: the GPU tests over CuPy (failing, not skipping,
+# without a GPU) and the GPU table (expert MLP vs plain BF16 matmul, 61-layer forward on one
+# GPU, overlap with 4 ranks sharing it).  Uses $(PYTHON) as it is (its CuPy, mpi4py, h5py,
+# click, ml_dtypes, pytest) with this checkout on PYTHONPATH, and $(MPIEXEC), e.g.
+#   make gpu-check PYTHON=python3 MPIEXEC=/path/to/mpiexec
+gpu-check:
+	@mkdir -p work
+	PYTHONPATH=$(CURDIR) MOEMPI_TEST_BACKENDS=cupy MPIEXEC=$(MPIEXEC) MPIEXEC_TIMEOUT=300 \
+		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee work/gpu-check.log
+	PYTHONPATH=$(CURDIR) MPIEXEC_TIMEOUT=300 $(MPIEXEC) -n 4 $(PYTHON) -m moempi bench gpu \
+		| tee work/gpu-check.md
 
 clean:
 	rm -rf work .pytest_cache

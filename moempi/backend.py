@@ -251,3 +251,16 @@ def make_backend(name: str, comm, cuda_aware: str = "auto"):
     if aware is None:
         aware = bool(mpi_cuda_aware()) if name == "cupy" else False
     return DeviceBackend(cp, local_rank % count, aware, name)
+
+
+def describe_binding(comm, name: str = "cupy") -> str:
+    """One line for ``moempi info``: this rank's node, node-local rank and device (collective)."""
+    import platform
+    local_rank, local_size = node_local_rank(comm)
+    where = (f"{platform.node()}, local rank {local_rank}/{local_size}, CUDA_VISIBLE_DEVICES="
+             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}")
+    try:
+        backend = make_backend(name, comm, "auto")
+    except MoempiError as exc:
+        return f"{where}: {exc}"
+    return f"{where}: {backend.describe()}"

@@ -209,3 +209,139 @@ def _drive(gen):
 
 
 REAL = Shape("real", 7168, 2048, 256, 2)
+
+
+# -- GPU ------------------------------------------------------------------------------
+def _device_weights(backend, shape, scale, dtype):
+    """Random weights made on the device (host RNG for the stand-in), stored as ``dtype``."""
+    if backend.name == "cupy":
+        cp = backend.cp
+        return (cp.random.standard_normal(shape, dtype=cp.float32) * scale).astype(dtype)
+    rng = np.random.default_rng(len(shape) + shape[0])
+    return backend.to_device(rng.standard_normal(shape).astype(np.float32) * scale, dtype)
+
+
+def _gpu_time(backend, fn, repeats: int = 5) -> float:
+    """Best wall time of ``fn`` with the GPU's queues drained before and after."""
+    best = float("inf")
+    for _ in range(repeats):
+        backend.synchronize()
+        t = time.perf_counter()
+        with backend.compute:
+            fn()
+        backend.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gpu_weights(backend, meta: ModelMeta, experts_here) -> Weights:
+    """A full stack on one device: dense layers, gates, and ``experts_here`` experts per layer."""
+    import ml_dtypes
+    from .model import DenseLayer
+    H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
+    layers, bf16 = [], ml_dtypes.bfloat16
+    for l in range(meta.num_layers):
+        norm = backend.to_device(np.ones(H, np.float32))
+        if not meta.is_moe(l):
+            layers.append(DenseLayer(l, norm, _device_weights(backend, (H, Fd), H**-0.5, bf16),
+                                     _device_weights(backend, (Fd, H), Fd**-0.5, bf16)))
+            continue
+        layer = MoeLayer(l, norm, _device_weights(backend, (H, E), 2 * H**-0.5, np.float32))
+        for e in experts_here:
+            layer.experts[e] = (_device_weights(backend, (H, F), H**-0.5, bf16),
+                                _device_weights(backend, (F, H), F**-0.5, bf16))
+        layers.append(layer)
+    return Weights(meta, layers, None)
+
+
+def bench_gpu(comm, backend_name: str, echo, quick: bool = False) -> dict:
+    """The GPU table: expert MLP vs plain BF16 matmul, 61-layer forward on one GPU, overlap.
+
+    Rank 0 measures the single-GPU figures alone; then all ranks (sharing the GPU, or one
+    GPU each) run the overlapped and blocking forward for the overlap %.
+    """
+    from .backend import make_backend
+    from .experts import mlp
+    import ml_dtypes
+    backend = make_backend(backend_name, comm)
+    bf16 = ml_dtypes.bfloat16
+    H, F, Fd, rows = (256, 128, 384, 512) if quick else (7168, 2048, 18432, 8192)
+    result = {"device": backend.describe()}
+    if comm.rank == 0:
+        xp = backend.xp
+        h = _device_weights(backend, (rows, H), 1.0, np.float32)
+        w_in = _device_weights(backend, (H, F), H**-0.5, bf16)
+        w_out = _device_weights(backend, (F, H), F**-0.5, bf16)
+        ours = _gpu_time(backend, lambda: mlp(h, w_in, w_out, "silu"))
+        hb = h.astype(bf16)
+        a = (hb @ w_in).astype(bf16)
+        plain = _gpu_time(backend, lambda: (hb @ w_in, a @ w_out))
+        flop = 4.0 * rows * H * F
+        result.update(expert_tflops=flop / ours / 1e12, plain_tflops=flop / plain / 1e12,
+                      expert_ratio=plain / ours)
+        echo(f"| expert MLP (BF16, {rows} x {H} x {F}) | {flop / ours / 1e12:.1f} TFLOP/s | "
+             f"plain BF16 matmul {flop / plain / 1e12:.1f} TFLOP/s | ratio {plain / ours:.2f} |")
+        layers, dense = (6, 1) if quick else (61, 3)
+        meta = ModelMeta(hidden_size=H, moe_ffn_size=F, dense_ffn_size=Fd, num_layers=layers,
+                         num_dense_layers=dense, num_experts=8, has_final_norm=False)
+        weights = gpu_weights(backend, meta, range(8))
+        single = MPI.COMM_SELF
+        placement = Placement.default(8, 1, meta.moe_layers)
+        placement = Placement(1, 8, placement.hosts)
+        x = np.random.default_rng(0).standard_normal((rows, H)).astype(np.float32)
+        tel = Telemetry(layers, layers - dense, 1, 8)
+        ctx = Context(weights, placement, 0, 0, np.zeros((layers - dense, 8), np.float32), tel,
+                      Scheduler(tel), backend)
+        exchangers = [Exchanger(single, H, 8, "bf16", blocking=False, backend=backend)
+                      for _ in range(2)]
+        try:
+            run_batch(ctx, exchangers, x[:64], 0, 0)                     # warm-up
+            backend.synchronize()
+            t = time.perf_counter()
+            run_batch(ctx, exchangers, x, 0, 1)
+            backend.synchronize()
+            forward = time.perf_counter() - t
+        finally:
+            for ex in exchangers:
+                ex.close()
+        result["forward_tokens_per_s"] = rows / forward
+        echo(f"| {layers}-layer forward, one GPU (8 experts, bf16) | {rows / forward:,.0f} "
+             f"tokens/s | {forward * 1e3:.1f} ms for {rows} tokens | |")
+        del weights
+    comm.Barrier()
+    shape = Shape("gpu", H, F, rows // max(comm.size, 1) // (8 if not quick else 1), 4)
+    weights, placement, x = synthetic(comm, shape)
+    weights = Weights(weights.meta, [
+        MoeLayer(l.index, backend.to_device(l.norm), backend.to_device(l.gate),
+                 {e: (backend.to_device(a, bf16), backend.to_device(b, bf16))
+                  for e, (a, b) in l.experts.items()}) for l in weights.layers], None)
+    pct = _overlap_percent(comm, backend, weights, placement, x)
+    result["overlap_pct"] = pct
+    echo(f"| overlap, {comm.size} ranks on {backend.describe()} | {pct:.0f} % | OSU definition | |")
+    return result
+
+
+def _overlap_percent(comm, backend, weights, placement, x, micro_batches: int = 4) -> float:
+    meta = weights.meta
+    times = {}
+    for overlap in (False, True):
+        tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
+        ctx = Context(weights, placement, comm.rank, 0,
+                      np.zeros((meta.num_layers, meta.num_experts), np.float32), tel,
+                      Scheduler(tel), backend)
+        exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, "bf16",
+                                blocking=not overlap, backend=backend)
+                      for _ in range(micro_batches if overlap else 1)]
+        try:
+            comm.Barrier()
+            run_batch(ctx, exchangers, x, 0, 0)
+            backend.synchronize()
+            pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(meta.num_layers))
+        finally:
+            for ex in exchangers:
+                ex.close()
+        times[overlap] = (tel.seconds["busy"].sum() + tel.seconds["wait"].sum(),
+                          tel.seconds["compute"].sum(), pure)
+    overall, compute, pure = times[True]
+    pct = max(0.0, 100 * (1 - (overall - compute) / max(pure, 1e-12)))
+    return comm.allreduce(pct, op=MPI.MIN)

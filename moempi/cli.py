@@ -178,22 +178,31 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
 
 # -- around the job -------------------------------------------------------------------------
 @cli.command("info")
-def info():
-    """Versions, the MPI library, world size, and GPU/CuPy presence (works under mpiexec)."""
+@click.option("--backend", type=click.Choice(["cupy", "standin"]), default="cupy", show_default=True,
+              help="GPU backend whose rank -> device binding to show (standin: the numpy "
+                   "stand-in for CuPy).")
+def info(backend):
+    """Versions, the MPI library, CUDA-aware status, and each rank's GPU.
+
+    Under mpiexec/srun it shows every rank's node, node-local rank and the device it binds
+    to (node-local rank mod visible GPUs, honouring CUDA_VISIBLE_DEVICES).
+    """
     from mpi4py import MPI
 
+    from .backend import describe_binding, mpi_cuda_aware
     from .runner import versions
     world = MPI.COMM_WORLD
+    bindings = world.gather(describe_binding(world, backend), root=0)
     if world.rank == 0:
         for key, value in versions().items():
-            click.echo(f"{key:>8}: {value}")
-        click.echo(f"{'world':>8}: {world.size} rank(s), thread level "
-                   f"{['single', 'funneled', 'serialized', 'multiple'][MPI.Query_thread()]}")
-        try:
-            import cupy
-            click.echo(f"{'cupy':>8}: {cupy.__version__}, {cupy.cuda.runtime.getDeviceCount()} GPU(s)")
-        except Exception as exc:  # no cupy, or cupy without a driver
-            click.echo(f"{'cupy':>8}: not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no module'})")
+            click.echo(f"{key:>10}: {value}")
+        thread = ["single", "funneled", "serialized", "multiple"][MPI.Query_thread()]
+        click.echo(f"{'world':>10}: {world.size} rank(s), thread level {thread}")
+        aware = mpi_cuda_aware()
+        click.echo(f"{'cuda-aware':>10}: {'unknown' if aware is None else ('yes' if aware else 'no')}"
+                   " (MPIX query of the MPI library)")
+        for rank, line in enumerate(bindings):
+            click.echo(f"{'rank ' + str(rank):>10}: {line}")
 
 
 @cli.command("inspect")
@@ -206,7 +215,9 @@ def inspect(output):
 
 @cli.command("bench")
 @click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "calibrate",
-                                           "place"]), default="all")
+                                           "place", "gpu"]), default="all")
+@click.option("--backend", type=click.Choice(["cupy", "standin"]), default="cupy",
+              show_default=True, help="For `gpu`: the GPU backend (standin: CuPy code on numpy).")
 @click.option("--tokens", type=int, default=256, show_default=True, help="Tokens per rank.")
 @click.option("--layers", type=int, default=2, show_default=True, help="MoE layers per pass.")
 @click.option("--micro-batches", type=int, default=4, show_default=True,
@@ -214,7 +225,7 @@ def inspect(output):
 @click.option("--calibration", type=click.Path(dir_okay=False),
               help="Write the measured figures here (JSON) for `moempi plan --hardware`.")
 @click.option("--quick", is_flag=True, help="Small shapes (seconds), for tests.")
-def bench(what, tokens, layers, micro_batches, calibration, quick):
+def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
     """Microbenchmarks under MPI, as ratios measured in one run:  mpiexec -n 2 moempi bench.
 
     \b
@@ -224,6 +235,8 @@ def bench(what, tokens, layers, micro_batches, calibration, quick):
                communication-heavy shape (F chosen so compute and exchange take similar time)
     calibrate  GEMM rate, Alltoallv latency and bandwidth -> --calibration FILE for `plan`
     place      the placement benchmark (no MPI needed)
+    gpu        expert MLP vs plain BF16 matmul, 61-layer forward on one GPU, overlap % with
+               all ranks sharing the GPU (what `make gpu-check` runs)
     """
     from mpi4py import MPI
 
@@ -234,6 +247,10 @@ def bench(what, tokens, layers, micro_batches, calibration, quick):
         if world.rank == 0:
             click.echo(msg)
 
+    if what == "gpu":
+        echo("| measure | figure | against | |\n| --- | --- | --- | --- |")
+        b.bench_gpu(world, backend, echo, quick)
+        return
     if what in ("place",):
         from .place.bench import run_benchmark
         if world.rank == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+MOEMPI = [sys.executable, "-m", "moempi"]
+MPIEXEC = os.environ.get("MPIEXEC") or (str(BIN / "mpiexec") if (BIN / "mpiexec").exists()
+                                        else shutil.which("mpiexec") or "mpiexec")
 MPI_ENV = {
     "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "true",
     "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
@@ -23,7 +27,7 @@ MPI_ENV = {
 
 def moempi(*args, cwd=None, timeout=60, check=True) -> subprocess.CompletedProcess:
     """Run the serial `moempi` CLI."""
-    proc = subprocess.run([str(BIN / "moempi"), *map(str, args)], cwd=cwd, capture_output=True,
+    proc = subprocess.run([*MOEMPI, *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **MPI_ENV})
     if check and proc.returncode:
         raise AssertionError(f"moempi {' '.join(map(str, args))} failed:\n{proc.stderr}")
@@ -33,8 +37,8 @@ def moempi(*args, cwd=None, timeout=60, check=True) -> subprocess.CompletedProce
 def mpirun(n: int, *args, cwd=None, timeout=120, check=True, python=False,
            env=None) -> subprocess.CompletedProcess:
     """``mpiexec -n n moempi ARGS`` (or ``python ARGS`` with python=True), bounded in time."""
-    exe = [str(BIN / "python")] if python else [str(BIN / "moempi")]
-    cmd = [str(BIN / "mpiexec"), "-n", str(n), *exe, *map(str, args)]
+    exe = [sys.executable] if python else MOEMPI
+    cmd = [MPIEXEC, "-n", str(n), *exe, *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **MPI_ENV, **(env or {})})
     if check and proc.returncode:

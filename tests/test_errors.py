@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import BIN, MPI_ENV, moempi, mpirun
+from conftest import moempi, mpirun
 
 
 def expect_failure(tmp_path, n, args, message, timeout=40):

@@ -1,0 +1,5 @@
+"""`python -m moempi`: the same as the `moempi` command."""
+
+from .cli import main
+
+main()
