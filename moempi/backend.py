@@ -101,6 +101,10 @@ class HostBackend:
     def synchronize(self) -> None:
         pass
 
+    def memory_bytes(self) -> int | None:
+        """The device's memory, or None on the host (no GPU memory to check)."""
+        return None
+
     def describe(self) -> str:
         return "cpu (numpy)"
 
@@ -188,6 +192,9 @@ class DeviceBackend(HostBackend):
     def synchronize(self) -> None:
         self.compute.synchronize()
         self.copy.synchronize()
+
+    def memory_bytes(self) -> int | None:
+        return int(self.cp.cuda.runtime.getDeviceProperties(self.device)["totalGlobalMem"])
 
     def describe(self) -> str:
         props = self.cp.cuda.runtime.getDeviceProperties(self.device)

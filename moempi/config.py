@@ -23,6 +23,8 @@ class RunSection:
     placement: str = ""              # placement JSON; empty = the default rule (DESIGN.md §2.4)
     precision: str = "fp32"          # "fp32": float32 compute and wire; "bf16": BF16 wire, fp32 accumulation
     save_routing: bool = False       # write /routing (DESIGN.md §2.3) for `moempi place`
+    gpu_memory_gb: float = 0.0       # memory per GPU for the start-up check; 0 = the device's
+                                     # own (GPU backends), no check on the numpy backend
     overwrite: bool = False          # replace an existing output file
 
 
@@ -76,6 +78,8 @@ class Config:
             raise MoempiError("config: run.model is required (a model file; --model)")
         if not r.tokens:
             raise MoempiError("config: run.tokens is required (a tokens file; --tokens)")
+        if r.gpu_memory_gb < 0:
+            raise MoempiError("config: run.gpu_memory_gb must be >= 0")
         if r.precision not in ("fp32", "bf16"):
             raise MoempiError(f"config: run.precision must be fp32 or bf16, not {r.precision!r}")
         if p.ep < 0 or p.tp < 1 or p.dp < 1:

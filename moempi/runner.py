@@ -82,6 +82,19 @@ class Progress:
                   f"done by every micro-batch, {now - self.start:.1f} s", flush=True)
 
 
+def check_memory(cfg: Config, meta: ModelMeta, layout, num_tokens: int, capacity: float):
+    """Refuse a run whose weights and buffers cannot fit one GPU, naming the TP that would
+    (the performance model's memory formulas, :mod:`moempi.memory`)."""
+    from .memory import check_fits
+    tokens = -(-num_tokens // layout.world.size)
+    if cfg.pipeline.batch_tokens:
+        tokens = min(tokens, cfg.pipeline.batch_tokens)
+    bf16 = cfg.run.precision == "bf16"
+    check_fits(meta, layout.ep, cfg.parallel.tp, tokens, max(1, cfg.pipeline.micro_batches),
+               capacity, wire_bytes=2 if bf16 else 4,
+               weight_bytes=2 if bf16 and cfg.backend.name != "numpy" else 4, source="run")
+
+
 def shard(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
     """Rank ``rank``'s contiguous token rows: ``[start, stop)``."""
     return num_tokens * rank // size, num_tokens * (rank + 1) // size
@@ -140,6 +153,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     devices = world.gather(backend.describe(), root=0)
     if backend.gpu and world.rank == 0:
         say(world, "devices: " + "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)))
+    capacity = cfg.run.gpu_memory_gb * 1e9 or backend.memory_bytes()
+    if capacity:
+        parallel.root_call(world, check_memory, cfg, meta, layout, setup.num_tokens, capacity)
     start, stop = shard(setup.num_tokens, world.rank, world.size)
     x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start, stop)
     t = time.perf_counter()

@@ -179,3 +179,9 @@ def test_help_without_mpi():
     assert "mpiexec -n P moempi run" in proc.stdout
     for cmd in ("init-model", "make-tokens", "inspect", "info"):
         assert moempi(cmd, "--help").returncode == 0
+
+
+def test_memory_check_refuses_what_cannot_fit(files, tmp_path):
+    """The start-up memory check (the performance model's formulas) refuses, naming the need."""
+    expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                                 "--set", "run.gpu_memory_gb=0.0001"], "GB per GPU of")
