@@ -144,3 +144,16 @@ def test_tokens_are_seeded_and_chunked(tmp_path):
 def test_split_rows_covers_everything():
     assert split_rows(10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert split_rows(2, 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]
+
+
+def test_example_inputs_are_valid():
+    from pathlib import Path
+
+    from moempi.config import load_config
+    from moempi.topology import load_topology
+    root = Path(__file__).resolve().parent.parent / "input"
+    for path in root.glob("*.toml"):
+        if path.name.startswith("topology"):
+            assert load_topology(str(path)).num_gpus >= 1
+        else:
+            load_config(str(path)).validate()
