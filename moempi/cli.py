@@ -134,20 +134,24 @@ def make_tokens(out, num_tokens, model, hidden, seed, dtype, overwrite):
               help="Overlap the exchange with compute (default) or use blocking Alltoallv.")
 @click.option("--save-routing", is_flag=True, default=None, help="Write /routing for `moempi place`.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output.")
+@click.option("--checkpoint", help="Checkpoint folder (run.checkpoint): progress is saved after "
+              "each batch (pipeline.batch_tokens) and a restarted job resumes from it.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set pipeline.batch_tokens=1024 (repeatable).")
 def run(config, model, tokens, output, placement, precision, micro_batches, overlap,
-        save_routing, overwrite, sets):
+        save_routing, overwrite, checkpoint, sets):
     """Run the forward pass as an MPI job:  mpiexec -n P moempi run [CONFIG.toml] [options].
 
     Settings come from CONFIG (TOML, see input/), then --set, then the named flags. Rank 0
     validates config, placement and model and broadcasts them; each rank reads only the
     expert slabs it hosts; any rank's failure ends the whole job with a message.
+    {job} in --output/--checkpoint becomes the Slurm job id (JOB_TASK in an array), or
+    "local"; an existing output is never replaced without --overwrite.
     """
     from mpi4py import MPI
 
     from . import parallel
-    from .config import load_config, parse_value
+    from .config import expand_names, load_config, parse_value
     from .runner import run_job
 
     world = MPI.COMM_WORLD
@@ -161,9 +165,10 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
         flags = {"run.model": model, "run.tokens": tokens, "run.output": output,
                  "run.placement": placement, "run.precision": precision,
                  "pipeline.micro_batches": micro_batches, "pipeline.overlap": overlap,
-                 "run.save_routing": save_routing, "run.overwrite": overwrite}
+                 "run.save_routing": save_routing, "run.overwrite": overwrite,
+                 "run.checkpoint": checkpoint}
         overrides.update({k: v for k, v in flags.items() if v is not None})
-        cfg = parallel.root_call(world, load_config, config, overrides)
+        cfg = parallel.root_call(world, lambda: expand_names(load_config(config, overrides)))
         run_job(world, cfg, shlex.join(sys.argv))
     except CollectiveError as exc:
         # every rank raised it together: rank 0 says it once, all exit non-zero
@@ -207,10 +212,17 @@ def info(backend):
 
 @cli.command("inspect")
 @click.argument("output", type=click.Path(exists=True, dir_okay=False))
-def inspect(output):
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
+              help="Also write PNG figures here: load heatmap, time breakdown, overlap per "
+                   "layer (needs matplotlib: pip install 'moempi[plot]').")
+def inspect(output, plot_dir):
     """Summarise a run's OUTPUT file: configuration, expert load per layer, timings, overlap."""
     from .inspect import summarise
     summarise(output, click.echo)
+    if plot_dir:
+        from .plots import write_plots
+        for path in write_plots(output, plot_dir):
+            click.echo(f"wrote {path}")
 
 
 @cli.command("bench")

@@ -19,7 +19,8 @@ from .errors import MoempiError
 class RunSection:
     model: str = ""                  # model checkpoint (HDF5, DESIGN.md §2.1); required
     tokens: str = ""                 # tokens file (HDF5, /tokens [N, H]); required
-    output: str = "moempi-out.h5"    # output file; {job} expands to the Slurm job id
+    output: str = "moempi-{job}.h5"  # output file; {job}: the Slurm job (and array task) id
+    checkpoint: str = ""             # folder for per-batch checkpoints; a restart resumes from it
     placement: str = ""              # placement JSON; empty = the default rule (DESIGN.md §2.4)
     precision: str = "fp32"          # "fp32": float32 compute and wire; "bf16": BF16 wire, fp32 accumulation
     save_routing: bool = False       # write /routing (DESIGN.md §2.3) for `moempi place`
@@ -100,6 +101,23 @@ class Config:
 
 
 _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def job_id(env=None) -> str:
+    """The Slurm job id (``JOB_TASK`` for an array task), or ``local`` outside Slurm."""
+    import os
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or "local"
+
+
+def expand_names(cfg: Config, env=None) -> Config:
+    """Replace ``{job}`` in the output and checkpoint paths with :func:`job_id`."""
+    job = job_id(env)
+    run = dataclasses.replace(cfg.run, output=cfg.run.output.replace("{job}", job),
+                              checkpoint=cfg.run.checkpoint.replace("{job}", job))
+    return dataclasses.replace(cfg, run=run)
 
 
 def _coerce(value, kind, where: str):

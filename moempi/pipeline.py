@@ -119,6 +119,12 @@ class Scheduler:
         """Block (MPI only) or poll (GPU work pending) until one pending item completes."""
         ids = list(self.pending)
         items = [self.pending[i] for i in ids]
+        for i, w in zip(ids, items):
+            # a poll() during compute may have completed (and freed) requests already:
+            # Waitany would skip those and could wait forever for the others
+            if w.Test():
+                del self.pending[i]
+                return i
         if all(isinstance(w, MPI.Request) for w in items):
             done = ids[MPI.Request.Waitany(items)]
             del self.pending[done]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from mpi4py import MPI
 from . import __version__, hdf5, parallel
 from .backend import make_backend
 from .balance import BiasBalancer, max_violation
+from .checkpoint import Checkpoint, checkpoint_complete, fingerprint, scan
 from .config import Config
 from .dispatch import Exchanger, probe_network
 from .errors import MoempiError
@@ -139,6 +141,10 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     layout = parallel.agree(world, parallel.make_layout, world, cfg.parallel.ep,
                             cfg.parallel.tp, cfg.parallel.dp)
     comm = layout.ep_comm
+    if parallel.root_call(world, already_complete, cfg):
+        say(world, f"{cfg.run.output} is complete (a finished run's checkpoint is still in "
+                   f"{cfg.run.checkpoint}): nothing to do")
+        return cfg.run.output
     setup = parallel.root_call(world, prepare, cfg, layout.ep)
     meta, placement = setup.meta, setup.placement
     if setup.default_placement and meta.num_experts > layout.ep:
@@ -167,11 +173,20 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     say(world, f"loaded weights in {time.perf_counter() - t:.1f} s "
                f"({weights.nbytes / 2**20:.1f} MiB on rank 0)")
 
-    num_local = stop - start
-    batch = cfg.pipeline.batch_tokens or max(1, -(-setup.num_tokens // world.size))
-    num_batches = max(1, -(-(-(-setup.num_tokens // world.size)) // batch))
-    micro_batches, probe = choose_micro_batches(cfg, comm, meta, weights,
-                                                min(batch, -(-setup.num_tokens // world.size)))
+    # batches: the balancing and checkpoint step; the same count on every rank
+    num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
+    batch = cfg.pipeline.batch_tokens or max(1, max_local)
+    num_batches = max(1, -(-max_local // batch))
+    ckpt, done, resumed_micro = None, 0, 0
+    if cfg.run.checkpoint:
+        expected = fingerprint(cfg, world.size, setup.num_tokens, batch)
+        found = parallel.root_call(world, scan, cfg.run.checkpoint, expected)
+        done, resumed_micro = found["done"], found["micro_batches"]
+        ckpt = Checkpoint(world, cfg.run.checkpoint, expected, num_batches)
+    if resumed_micro:            # the same micro-batches as before: the same arithmetic
+        micro_batches, probe = resumed_micro, {}
+    else:
+        micro_batches, probe = choose_micro_batches(cfg, comm, meta, weights, min(batch, max_local))
     mode = "overlapped" if cfg.pipeline.overlap else "blocking"
     say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "
                f"micro-batch(es), {mode} exchange")
@@ -190,14 +205,17 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
     ctx.on_layer_done = progress
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
+    hidden = np.empty_like(x)
+    if done:
+        ckpt.restore(done, hidden, routing, tel, history, balancer.bias)
+        say(world, f"resuming from checkpoint {cfg.run.checkpoint}: {done} of {num_batches} "
+                   "batch(es) already done")
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
                             blocking=not cfg.pipeline.overlap, backend=backend)
                   for _ in range(micro_batches)]
     try:
-        hidden = np.empty_like(x)
-        t = time.perf_counter()
-        last_report = t
-        for b in range(num_batches):
+        t = last_report = time.perf_counter()
+        for b in range(done, num_batches):
             lo, hi = min(b * batch, num_local), min((b + 1) * batch, num_local)
             before = tel.tokens_per_expert.copy()
             history["bias"].append(balancer.bias.copy())
@@ -207,6 +225,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
             history["tokens_per_expert"].append(load)
             balancer.update(load)
+            if ckpt:
+                ckpt.save(b, micro_batches, hidden[lo:hi], lo, routing, tel, history,
+                          balancer.bias)
             now = time.perf_counter()
             if now - last_report > 2 or b == num_batches - 1:
                 say(world, f"batch {b + 1}/{num_batches} done, {now - t:.1f} s")
@@ -223,22 +244,31 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             ex.close()
 
     elapsed = world.allreduce(forward_s, op=MPI.MAX)
-    say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens / elapsed:,.0f} tokens/s")
+    say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens * (num_batches - done) / num_batches / max(elapsed, 1e-9):,.0f} tokens/s")
     attrs = dict(
         format="moempi-output", version=1, moempi_version=__version__,
         config=cfg.to_dict(), world_size=world.size, ep=layout.ep, dp=layout.dp,
-        placement=placement.to_dict(), model_meta=dataclasses.asdict(meta), micro_batches=micro_batches,
+        placement=placement.to_dict(), model_meta=dataclasses.asdict(meta),
+        micro_batches=micro_batches, batch_tokens=batch, resumed_from_batch=done,
         probe=probe, versions=versions(), command_line=command_line, devices=devices,
         forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
     if cfg.balance.enabled:
         vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
         say(world, f"load balancing: MaxVio (mean over layers) first batch {vio[0]:.3f}, "
                    f"last batch {vio[-1]:.3f}")
-    attrs["batch_tokens"] = batch
     write_output(world, cfg, meta, attrs, hidden, tel, pure_comm, routing, history)
+    if ckpt:
+        ckpt.remove()
     layout.free()
     say(world, f"wrote {cfg.run.output}")
     return cfg.run.output
+
+
+def already_complete(cfg: Config) -> bool:
+    """Rank 0: a restarted job whose output was written but whose checkpoint was not yet removed."""
+    if not cfg.run.checkpoint or cfg.run.overwrite or not os.path.exists(cfg.run.output):
+        return False
+    return checkpoint_complete(cfg.run.checkpoint)
 
 
 def overlap_percent(overall, compute, pure_comm):

@@ -58,6 +58,8 @@ def files(tmp_path_factory):
            "--activation", "gelu")
     moempi("init-model", d / "f32.h5", "--preset", "tiny", "--dtype", "float32", "--seed", "4",
            "--activation", "relu", "--no-final-norm")
+    moempi("init-model", d / "deep.h5", "--preset", "small", "--hidden", "64", "--ffn", "32",
+           "--dense-ffn", "64", "--seed", "8")
     moempi("make-tokens", d / "tok.h5", "-n", "300", "--hidden", "64", "--seed", "5")
     moempi("make-tokens", d / "tok_bf16.h5", "-n", "200", "--hidden", "64", "--seed", "6",
            "--dtype", "bfloat16")

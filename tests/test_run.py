@@ -46,6 +46,19 @@ def test_matches_reference_across_modes(files, tmp_path, n):
             assert rel_l2(outs[a], outs[b]) <= SAME, (a, b)
 
 
+@pytest.mark.parametrize("n,micro", [(2, 2), (3, 5)])
+def test_many_small_micro_batches_through_61_layers(files, tmp_path, n, micro):
+    """Tiny batches, many micro-batches in flight, 61 layers: the schedule never stalls.
+
+    (Polling MPI during one micro-batch's compute completes others' requests; the scheduler
+    must still resume those micro-batches: a deadlock here once hung the job.)
+    """
+    ref = reference(files / "deep.h5", files / "tok.h5")
+    path, _ = run(files, tmp_path, n, "deep.h5", "tok.h5", "--micro-batches", str(micro),
+                  "--set", "pipeline.batch_tokens=8")
+    assert rel_l2(hidden(path), ref) <= EXACT
+
+
 def test_ep16_oversubscribed(files, tmp_path):
     """16 ranks, 16 experts, one per rank (EP=16) on 2 cores, overlapped with 2 micro-batches."""
     ref = reference(files / "e16.h5", files / "tok.h5")

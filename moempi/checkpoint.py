@@ -1,0 +1,167 @@
+"""Requeue-safe progress: one file per completed batch, written atomically; a restart resumes after the last.
+
+The checkpoint is a folder.  After batch ``b`` every rank's rows of that batch (the
+residual stream before the final norm, and its routing when saved) are gathered to rank 0,
+which writes ``batch-{b:05d}.h5`` under a temporary name and renames it, so a file that
+exists is complete.  Each file also holds the cumulative counters of every rank and the
+balancer's state, so the newest file alone restores them.  A job killed at any moment
+restarts from the newest complete batch: no token is lost or computed twice, and the same
+micro-batch count and biases make the result identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import h5py
+import numpy as np
+
+from . import parallel
+from .errors import MoempiError
+
+STATE = ("tokens_per_expert", "traffic", "rows_computed", "rerouted", "dropped")
+
+
+def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int) -> str:
+    """What must not change between a run and its resumption, as canonical JSON."""
+    data = cfg.to_dict()
+    for key in ("output", "overwrite", "checkpoint"):
+        data["run"].pop(key, None)
+    data["pipeline"].pop("measure_pure_comm", None)
+    data.update(world_size=world_size, num_tokens=num_tokens, batch_tokens=batch_tokens)
+    return json.dumps(data, sort_keys=True)
+
+
+def _batch_file(path: str, batch: int) -> str:
+    return os.path.join(path, f"batch-{batch:05d}.h5")
+
+
+def scan(path: str, expected: str) -> dict:
+    """Rank 0: the completed batches in ``path`` (contiguous from 0) and their run's settings."""
+    if not os.path.isdir(path):
+        return {"done": 0, "micro_batches": 0}
+    done = 0
+    while os.path.exists(_batch_file(path, done)):
+        done += 1
+    if done == 0:
+        return {"done": 0, "micro_batches": 0}
+    last = _batch_file(path, done - 1)
+    try:
+        with h5py.File(last, "r") as f:
+            found, micro = f.attrs["fingerprint"], int(f.attrs["micro_batches"])
+    except (OSError, KeyError) as exc:
+        raise MoempiError(f"{last}: unreadable checkpoint ({exc}); remove {path} to start over") from None
+    if found != expected:
+        raise MoempiError(f"{path}: checkpoint belongs to another run (model, tokens, world size "
+                          f"or settings differ); remove it or choose another --checkpoint")
+    return {"done": done, "micro_batches": micro}
+
+
+def checkpoint_complete(path: str) -> bool:
+    """Whether ``path`` holds every batch of its run (the run finished; only clean-up was left)."""
+    done = 0
+    while os.path.exists(_batch_file(path, done)):
+        done += 1
+    if not done:
+        return False
+    try:
+        with h5py.File(_batch_file(path, done - 1), "r") as f:
+            return done == int(f.attrs["num_batches"])
+    except (OSError, KeyError):
+        return False
+
+
+class Checkpoint:
+    """Writes and restores batch files; every method is called on every rank."""
+
+    def __init__(self, world, path: str, expected: str, num_batches: int):
+        self.world, self.path, self.expected = world, path, expected
+        self.num_batches = num_batches
+        if world.rank == 0:
+            os.makedirs(path, exist_ok=True)
+
+    def save(self, batch: int, micro_batches: int, rows: np.ndarray, lo: int,
+             routing: dict | None, tel, history: dict, bias_next: np.ndarray) -> None:
+        """Batch ``batch`` is done: this rank's rows ``rows`` start at shard row ``lo``."""
+        world = self.world
+        counts = world.gather(len(rows), root=0)
+        los = world.gather(lo, root=0)
+        state = {name: parallel.gather_stack(world, getattr(tel, name)) for name in STATE}
+        f = tmp = None
+        if world.rank == 0:
+            final = _batch_file(self.path, batch)
+            tmp = final + ".partial"
+            f = h5py.File(tmp, "w")
+            f.attrs.update(fingerprint=self.expected, batch=batch, micro_batches=micro_batches,
+                           num_batches=self.num_batches)
+            f["rank_rows"] = np.array(counts)               # rows of each rank in this batch
+            f["rank_lo"] = np.array(los)                    # their first row within the shard
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            ds = f.create_dataset("hidden", (int(offsets[-1]), rows.shape[1]), "f4")
+        try:
+            sink = (lambda r, i, chunk: ds.__setitem__(slice(offsets[r] + i, offsets[r] + i + len(chunk)), chunk)) \
+                if f else None
+            parallel.stream_rows_to_root(world, rows, sink)
+            if routing is not None:
+                for m, arrays in routing.items():
+                    for name, arr in zip(("topk_idx", "dest_rank"), arrays):
+                        part = arr[lo:lo + len(rows)]
+                        rds = f.create_dataset(f"routing/{m}/{name}", (int(offsets[-1]), part.shape[1]),
+                                               "i4") if f else None
+                        parallel.stream_rows_to_root(
+                            world, part, (lambda r, i, chunk, rds=rds: rds.__setitem__(
+                                slice(offsets[r] + i, offsets[r] + i + len(chunk)), chunk)) if f else None)
+            if f:
+                for name, data in state.items():
+                    f[f"state/{name}"] = data
+                f["state/bias_next"] = bias_next
+                f["history/bias"] = np.stack(history["bias"])
+                f["history/tokens_per_expert"] = np.stack(history["tokens_per_expert"])
+                f.close()
+                os.replace(tmp, final)
+        except BaseException:
+            if f:
+                f.close()
+                os.unlink(tmp)
+            raise
+        world.Barrier()
+
+    def restore(self, done: int, hidden: np.ndarray, routing: dict | None, tel, history: dict,
+                bias: np.ndarray) -> None:
+        """Fill this rank's rows, routing, counters and the balancer from batches ``0..done-1``."""
+        world = self.world
+        last = None
+        if world.rank == 0:
+            with h5py.File(_batch_file(self.path, done - 1), "r") as f:
+                last = {name: f[f"state/{name}"][()] for name in STATE}
+                last["bias_next"] = f["state/bias_next"][()]
+                last["history_bias"] = f["history/bias"][()]
+                last["history_load"] = f["history/tokens_per_expert"][()]
+        last = world.bcast(last, root=0)
+        for name in STATE:
+            getattr(tel, name)[...] = last[name][world.rank]
+        bias[...] = last["bias_next"]
+        history["bias"][:] = list(last["history_bias"])
+        history["tokens_per_expert"][:] = list(last["history_load"])
+        for b in range(done):
+            with h5py.File(_batch_file(self.path, b), "r") as f:
+                counts = f["rank_rows"][()]
+                offsets = np.concatenate([[0], np.cumsum(counts)])
+                a, n = int(offsets[world.rank]), int(counts[world.rank])
+                lo = int(f["rank_lo"][world.rank])
+                hidden[lo:lo + n] = f["hidden"][a:a + n]
+                if routing is not None:
+                    for m, (idx, dest) in routing.items():
+                        idx[lo:lo + n] = f[f"routing/{m}/topk_idx"][a:a + n]
+                        dest[lo:lo + n] = f[f"routing/{m}/dest_rank"][a:a + n]
+
+    def remove(self) -> None:
+        """The output is complete: the checkpoint is no longer needed."""
+        if self.world.rank == 0:
+            for name in glob.glob(os.path.join(self.path, "batch-*.h5*")):
+                os.unlink(name)
+            if os.path.isdir(self.path) and not os.listdir(self.path):
+                os.rmdir(self.path)
+
