@@ -14,6 +14,7 @@
 #   SLURM_TEST_CPUS      CPUs (and fake GPUs) of the node (default 16)
 #   SLURM_TEST_TIMEOUT   seconds to wait for the node to become idle (default 60)
 #   SLURM_SBIN           where slurmctld/slurmd/munged live (default: found on PATH or /usr/sbin)
+#   MUNGE_TMP            parent of munged's own folder (default /tmp; the munge user must reach it)
 set -euo pipefail
 
 SLURM_TEST_CPUS=${SLURM_TEST_CPUS:-16}
@@ -55,6 +56,12 @@ down() {
     stop_pidfile "$dir/slurmd.pid" slurmd
     stop_pidfile "$dir/slurmctld.pid" slurmctld
     stop_pidfile "$dir/munge/munged.pid" munged
+    local mdir
+    mdir=$(readlink "$dir/munge" || true)
+    if [[ $mdir == */moempi-munge.* && -d $mdir ]]; then
+        rm -rf "$mdir"
+        rm -f "$dir/munge"
+    fi
 }
 
 up() {
@@ -73,19 +80,24 @@ up() {
     dir=$(cd "$dir" && pwd)
     # whatever fails from here on: stop what was started, keep the logs
     trap 'rc=$?; if ((rc)); then down "'"$dir"'"; fi' EXIT
-    chmod 755 "$dir"   # munged runs as the munge user and must reach its folder
-    mkdir -p "$dir/munge" "$dir/state" "$dir/spool"
-    chown munge:munge "$dir/munge"
-    chmod 755 "$dir/munge"   # munged insists; the key inside stays 0400
+    mkdir -p "$dir/state" "$dir/spool"
+    # munged runs as the munge user, who may not reach DIR (pytest's folders are 0700): its
+    # own folder under /tmp, linked as DIR/munge and removed by "down"
+    local mdir
+    mdir=$(mktemp -d "${MUNGE_TMP:-/tmp}/moempi-munge.XXXXXX")
+    ln -sfn "$mdir" "$dir/munge"
+    chown munge:munge "$mdir"
+    chmod 755 "$mdir"   # munged insists the socket folder be reachable; the key stays 0400
 
-    # munge: a fresh key and socket of our own, so no system munged is touched
-    dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
-    chown munge:munge "$dir/munge/munge.key"
-    chmod 400 "$dir/munge/munge.key"
-    local socket=$dir/munge/munge.socket
-    runuser -u munge -- munged --socket="$socket" --key-file="$dir/munge/munge.key" \
-        --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" \
-        --seed-file="$dir/munge/munged.seed" \
+    # munge: a fresh key and socket of our own, so no system munged is touched (real paths:
+    # munged checks every folder above them)
+    dd if=/dev/urandom of="$mdir/munge.key" bs=1024 count=1 status=none
+    chown munge:munge "$mdir/munge.key"
+    chmod 400 "$mdir/munge.key"
+    local socket=$mdir/munge.socket
+    runuser -u munge -- munged --socket="$socket" --key-file="$mdir/munge.key" \
+        --pid-file="$mdir/munged.pid" --log-file="$mdir/munged.log" \
+        --seed-file="$mdir/munged.seed" \
         || die "munged did not start (log: $dir/munge/munged.log)"
 
     local host ctld_port slurmd_port
@@ -123,6 +135,9 @@ ReturnToService=2
 JobRequeue=1
 KillWait=5
 MinJobAge=600
+# a fresh range of job ids per cluster: MPICH names its /dev/shm segments after the PMI
+# kvsname (jobid.stepid) and a killed step leaves them behind, so reused ids would collide
+FirstJobId=$((RANDOM * 1000 + 1000))
 InactiveLimit=0
 SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
@@ -132,8 +147,12 @@ MailProg=/bin/true
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$SLURM_TEST_CPUS Gres=gpu:$SLURM_TEST_CPUS State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
-    # count-only GPUs: no device files, nothing bound; enough for --gpus-per-task to schedule
-    echo "NodeName=$host Name=gpu Count=$SLURM_TEST_CPUS" >"$dir/gres.conf"
+    # stand-in GPUs: empty files (slurmd drops file-less GPUs); with task/none nothing is
+    # bound, each task only sees CUDA_VISIBLE_DEVICES; enough for --gpus-per-task to schedule
+    mkdir -p "$dir/gpu"
+    local i
+    for ((i = 0; i < SLURM_TEST_CPUS; i++)); do : >"$dir/gpu/fake$i"; done
+    echo "NodeName=$host Name=gpu File=$dir/gpu/fake[0-$((SLURM_TEST_CPUS - 1))]" >"$dir/gres.conf"
     cat >"$dir/env" <<ENV
 export SLURM_CONF=$dir/slurm.conf
 ENV
@@ -146,10 +165,12 @@ ENV
     while ((SECONDS < deadline)); do
         state=$(sinfo -h -N -o %T 2>/dev/null || true)
         [[ $state == idle ]] && break
+        case $state in inval*|drain*|down*|fail*) sleep 2; state=$(sinfo -h -N -o %T || true)
+            [[ $state == idle ]] || break ;; esac
         sleep 0.5
     done
     if [[ $state != idle ]]; then
-        echo "cluster.sh: node not idle after ${SLURM_TEST_TIMEOUT}s (state: '${state:-no answer}')" >&2
+        echo "cluster.sh: node not idle (waited up to ${SLURM_TEST_TIMEOUT}s) (state: '${state:-no answer}')" >&2
         tail -n 20 "$dir/slurmctld.log" "$dir/slurmd.log" >&2 || true
         exit 1
     fi
