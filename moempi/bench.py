@@ -91,7 +91,7 @@ def plain_gemm_flops(hidden: int, ffn: int, rows: int, repeats: int = 3) -> floa
 def bench_expert(comm, shape: Shape, echo) -> dict:
     """Expert MLP FLOP/s inside a real (blocking) run vs a plain numpy GEMM of the same rows."""
     weights, placement, x = synthetic(comm, shape)
-    forward(comm, weights, placement, x[:8], 1, False)                # warm-up
+    forward(comm, weights, placement, x, 1, False)                    # warm-up
     _, tel, _ = forward(comm, weights, placement, x, 1, False)
     rows = int(tel.rows_computed.sum())
     run_flops = 4.0 * rows * shape.hidden * shape.ffn / max(tel.seconds["expert"].sum(), 1e-12)
@@ -148,7 +148,8 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
 def bench_overlap(comm, shape: Shape, echo, micro_batches: int = 4) -> dict:
     """Overlapped (``micro_batches`` in flight) vs blocking layer time, and the overlap %."""
     weights, placement, x = synthetic(comm, shape)
-    forward(comm, weights, placement, x[:8], 1, False)                 # warm-up
+    forward(comm, weights, placement, x, 1, False)          # warm-up: first touch of buffers
+    forward(comm, weights, placement, x, micro_batches, True)
     blocking, tel_b, pure = forward(comm, weights, placement, x, 1, False)
     overlapped, tel_o, _ = forward(comm, weights, placement, x, micro_batches, True)
     compute = comm.allreduce(tel_b.seconds["compute"].sum(), op=MPI.MAX)

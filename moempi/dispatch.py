@@ -130,6 +130,13 @@ class Exchanger:
         self.wire = np.uint16 if self.bf16 else np.float32
         self.rowtype = base.Create_contiguous(hidden).Commit()   # counts in rows, not elements
         self._buffers: dict[str, np.ndarray] = {}
+        self.mpi_seconds = 0.0       # time inside MPI calls (posting, or the blocking call)
+        # MPICH sets up a new communicator's collective state on its first use: pay that
+        # here, at start-up, rather than inside the first MoE layer's timings
+        counts = np.zeros(self.comm.size, dtype=np.int32)
+        self.comm.Alltoall(counts, np.empty_like(counts))
+        self.comm.Ialltoallv([counts, (counts, counts), MPI.INT],
+                             [np.empty_like(counts), (counts, counts), MPI.INT]).Wait()
 
     def close(self) -> None:
         """Release the communicator and datatype (explicitly, not in ``__del__``)."""
@@ -141,10 +148,14 @@ class Exchanger:
         """Exchange counts and build the :class:`DispatchPlan`; topk_idx/dest_rank `[N, K]`."""
         pair_order, sent = send_layout(topk_idx, dest_rank, self.comm.size, self.num_experts)
         received = np.empty_like(sent)
+        t = time.perf_counter()
         if self.blocking:
             self.comm.Alltoall(sent, received)
+            self.mpi_seconds += time.perf_counter() - t
         else:
-            yield self.comm.Ialltoall(sent, received)
+            request = self.comm.Ialltoall(sent, received)
+            self.mpi_seconds += time.perf_counter() - t
+            yield request
         return make_plan(topk_idx.shape[1], pair_order, sent, received, local_experts)
 
     def dispatch(self, plan: DispatchPlan, h):
@@ -197,10 +208,14 @@ class Exchanger:
     def _alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs):
         sendspec = [send, (send_counts, send_displs), self.rowtype]
         recvspec = [recv, (recv_counts, recv_displs), self.rowtype]
+        t = time.perf_counter()
         if self.blocking:
             self.comm.Alltoallv(sendspec, recvspec)
+            self.mpi_seconds += time.perf_counter() - t
         else:
-            yield self.comm.Ialltoallv(sendspec, recvspec)
+            request = self.comm.Ialltoallv(sendspec, recvspec)
+            self.mpi_seconds += time.perf_counter() - t
+            yield request
 
     def _buffer(self, name: str, rows: int, dtype=None, host: bool = False):
         """A `[rows, H]` view of a grow-only exchange buffer, reused across layers and batches."""
