@@ -346,3 +346,54 @@ def _overlap_percent(comm, backend, weights, placement, x, micro_batches: int = 
     overall, compute, pure = times[True]
     pct = max(0.0, 100 * (1 - (overall - compute) / max(pure, 1e-12)))
     return comm.allreduce(pct, op=MPI.MIN)
+
+
+# -- load balancing ---------------------------------------------------------------------
+def bench_balance(comm, echo, quick: bool = False, rate: float = 0.05) -> dict:
+    """MaxVio before/after bias balancing on a skewed gate, and what it does to the run time.
+
+    The gate is skewed on purpose: every token shares a direction that expert 0 (and, less,
+    expert 1) favours, so without balancing their ranks compute far more rows than the rest.
+    """
+    from .balance import BiasBalancer, max_violation
+    from .config import BalanceSection
+    H, F, tokens, batch = (256, 256, 1024, 64) if quick else (1024, 1024, 4096, 256)
+    shape = Shape("skewed", H, F, tokens, 4)
+    weights, placement, x = synthetic(comm, shape, seed=3)
+    for layer in weights.layers:
+        layer.gate[0, 0] += 1.0
+        layer.gate[0, 1] += 0.5
+    x[:, 0] += 4.0
+    meta = weights.meta
+    results = {}
+    for enabled in (False, True):
+        balancer = BiasBalancer(BalanceSection(enabled=enabled, rate=rate), meta.num_layers,
+                                meta.num_experts)
+        tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
+        ctx = Context(weights, placement, comm.rank, 0, balancer.bias, tel, Scheduler(tel),
+                      HostBackend())
+        exchangers = [Exchanger(comm, H, meta.num_experts, "fp32") for _ in range(2)]
+        vio = []
+        try:
+            comm.Barrier()
+            t = time.perf_counter()
+            for b, start in enumerate(range(0, tokens, batch)):
+                before = tel.tokens_per_expert.copy()
+                run_batch(ctx, exchangers, x[start:start + batch], start, b)
+                load = np.empty_like(before)
+                comm.Allreduce(tel.tokens_per_expert - before, load)
+                balancer.update(load)
+                vio.append(float(max_violation(load).mean()))
+            elapsed = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
+        finally:
+            for ex in exchangers:
+                ex.close()
+        results[enabled] = {"maxvio_first": vio[0], "maxvio_last": float(np.mean(vio[-2:])),
+                            "seconds": elapsed}
+    off, on = results[False], results[True]
+    echo(f"balance ({comm.size} ranks, {meta.num_experts} experts, skewed gate, "
+         f"{tokens // batch} batches, rate {rate}): MaxVio off {off['maxvio_first']:.2f} -> "
+         f"{off['maxvio_last']:.2f}, on {on['maxvio_first']:.2f} -> {on['maxvio_last']:.2f}; "
+         f"time on/off {on['seconds'] / off['seconds']:.2f} "
+         f"({on['seconds']:.2f} s vs {off['seconds']:.2f} s)")
+    return {"off": off, "on": on, "time_ratio": on["seconds"] / off["seconds"]}

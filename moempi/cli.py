@@ -227,7 +227,7 @@ def inspect(output, plot_dir):
 
 @cli.command("bench")
 @click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "calibrate",
-                                           "place", "gpu"]), default="all")
+                                           "place", "gpu", "balance"]), default="all")
 @click.option("--backend", type=click.Choice(["cupy", "standin"]), default="cupy",
               show_default=True, help="For `gpu`: the GPU backend (standin: CuPy code on numpy).")
 @click.option("--tokens", type=int, default=256, show_default=True, help="Tokens per rank.")
@@ -249,6 +249,8 @@ def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
     place      the placement benchmark (no MPI needed)
     gpu        expert MLP vs plain BF16 matmul, 61-layer forward on one GPU, overlap % with
                all ranks sharing the GPU (what `make gpu-check` runs)
+    balance    MaxVio before/after bias balancing on a skewed gate, and the time it saves
+               (run it at 4 ranks: mpiexec -n 4 moempi bench balance)
     """
     from mpi4py import MPI
 
@@ -259,6 +261,9 @@ def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
         if world.rank == 0:
             click.echo(msg)
 
+    if what == "balance":
+        b.bench_balance(world, echo, quick)
+        return
     if what == "gpu":
         echo("| measure | figure | against | |\n| --- | --- | --- | --- |")
         b.bench_gpu(world, backend, echo, quick)
