@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .backend import HostBackend
-from .dispatch import Exchanger, probe_network
+from .dispatch import Exchanger, drive, probe_network
 from .model import MoeLayer, Weights
 from .pipeline import Context, Scheduler, Telemetry, run_batch
 from .placement import Placement, assign_replicas
@@ -115,7 +115,7 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
     dest = assign_replicas(topk_idx, *placement.replica_table(layer.index, comm.rank), comm.rank)
     ex = Exchanger(comm, meta.hidden_size, meta.num_experts, precision, blocking=True)
     try:
-        plan = _drive(ex.plan(topk_idx, dest, sorted(layer.experts)))
+        plan = drive(ex.plan(topk_idx, dest, sorted(layer.experts)))
         ours = raw = float("inf")
         itemsize = 2 if precision == "bf16" else 4
         row = meta.hidden_size * itemsize
@@ -126,8 +126,8 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
         for _ in range(repeats):
             comm.Barrier()
             t = time.perf_counter()
-            y = _drive(ex.dispatch(plan, x))
-            _drive(ex.combine(plan, y))
+            y = drive(ex.dispatch(plan, x))
+            drive(ex.combine(plan, y))
             ours = min(ours, time.perf_counter() - t)
             comm.Barrier()
             t = time.perf_counter()
@@ -198,18 +198,6 @@ def calibrate(comm, echo, path: str | None) -> dict:
     return cal.to_dict()
 
 
-def _drive(gen):
-    """Run an exchange generator to completion (blocking exchangers yield nothing)."""
-    try:
-        request = next(gen)
-        while True:
-            request.Wait()
-            request = gen.send(None)
-    except StopIteration as stop:
-        return stop.value
-
-
-REAL = Shape("real", 7168, 2048, 256, 2)
 
 
 # -- GPU ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import MoempiError
+from .topology import read_toml
 
 
 @dataclass(frozen=True)
@@ -178,13 +179,5 @@ def build_config(data: dict, overrides: dict[str, object] | None = None,
 
 def load_config(path: str | None, overrides: dict[str, object] | None = None) -> Config:
     """Read a TOML run configuration (optional) and apply overrides; not yet validated."""
-    data = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise MoempiError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise MoempiError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "config") if path else {}
     return build_config(data, overrides, source=path or "config")

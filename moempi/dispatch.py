@@ -65,6 +65,18 @@ class DispatchPlan:
         return out.reshape(num_tokens, self.top_k, back.shape[1])
 
 
+def drive(step):
+    """Run an exchange step (``plan``/``dispatch``/``combine``) alone, waiting on what it yields."""
+    try:
+        waitable = next(step)
+        while True:
+            while not waitable.Test():
+                pass
+            waitable = step.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
 def send_layout(topk_idx: np.ndarray, dest_rank: np.ndarray, num_ranks: int,
                 num_experts: int) -> tuple[np.ndarray, np.ndarray]:
     """Send order and counts of one micro-batch, before any communication.

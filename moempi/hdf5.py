@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -94,7 +93,6 @@ def meta_from_file(f: h5py.File, path: str) -> ModelMeta:
     if version != MODEL_VERSION:
         raise MoempiError(f"{path}: model version {version} is not supported "
                           f"(this moempi reads version {MODEL_VERSION})")
-    kinds = {fl.name: fl.type for fl in dataclasses.fields(ModelMeta)}
     values = {}
     for name in ("hidden_size", "moe_ffn_size", "dense_ffn_size", "num_layers",
                  "num_dense_layers", "num_experts", "top_k"):
@@ -102,10 +100,8 @@ def meta_from_file(f: h5py.File, path: str) -> ModelMeta:
     values["activation"] = _attr(f, "activation", str, path)
     values["norm_eps"] = _attr(f, "norm_eps", float, path)
     values["norm_topk_prob"] = _attr(f, "norm_topk_prob", bool, path)
-    assert set(values) <= set(kinds)
     values["has_final_norm"] = "final_norm" in f
-    meta = ModelMeta(**values, weight_dtype=BF16)
-    meta.validate(source=path)
+    meta = ModelMeta(**values).validate(source=path)
     dtype = None
     if meta.num_layers > meta.num_dense_layers:
         ds = _dataset(f, f"layers/{meta.num_dense_layers:03d}/experts/w_in", path)

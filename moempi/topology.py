@@ -86,13 +86,17 @@ def topology_from_dict(data: dict, source: str = "topology") -> Topology:
     return Topology(**values).validate()
 
 
-def load_topology(path: str) -> Topology:
-    """Read a topology TOML file: keys at top level or under ``[topology]``."""
+def read_toml(path: str, what: str) -> dict:
+    """A TOML file as a dict; a missing or malformed file is a one-line MoempiError."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise MoempiError(f"{path}: topology file not found") from None
+        raise MoempiError(f"{path}: {what} file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise MoempiError(f"{path}: not valid TOML: {exc}") from None
-    return topology_from_dict(data, source=path)
+
+
+def load_topology(path: str) -> Topology:
+    """Read a topology TOML file: keys at top level or under ``[topology]``."""
+    return topology_from_dict(read_toml(path, "topology"), source=path)

@@ -10,19 +10,8 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from moempi.dispatch import Exchanger
+from moempi.dispatch import Exchanger, drive
 from moempi.placement import Placement, assign_replicas
-
-
-def drive(gen):
-    """Run an exchange generator to completion, waiting on each request it yields."""
-    try:
-        request = next(gen)
-        while True:
-            request.Wait()
-            request = gen.send(None)
-    except StopIteration as stop:
-        return stop.value
 
 
 def check(comm, num_experts, precision, blocking, seed):
