@@ -170,15 +170,21 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
         overrides.update({k: v for k, v in flags.items() if v is not None})
         cfg = parallel.root_call(world, lambda: expand_names(load_config(config, overrides)))
         run_job(world, cfg, shlex.join(sys.argv))
-    except CollectiveError as exc:
+    except BaseException as exc:
+        _end_job(world, exc)
+
+
+def _end_job(world, exc: BaseException) -> None:
+    """How an MPI command ends on an exception: never with other ranks left waiting."""
+    from . import parallel
+    if isinstance(exc, CollectiveError):
         # every rank raised it together: rank 0 says it once, all exit non-zero
         if world.rank == 0:
             click.echo(f"moempi: error: {exc}", err=True)
         sys.exit(1)
-    except BaseException as exc:  # one rank alone: end the whole job now, never hang
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
-        parallel.fail(world, exc)
+    if isinstance(exc, SystemExit) and not exc.code:
+        raise exc
+    parallel.fail(world, exc)     # one rank alone: end the whole job now, never hang
 
 
 # -- around the job -------------------------------------------------------------------------
@@ -254,8 +260,15 @@ def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
     """
     from mpi4py import MPI
 
-    from . import bench as b
     world = MPI.COMM_WORLD
+    try:
+        _bench(world, what, tokens, layers, micro_batches, calibration, quick, backend)
+    except BaseException as exc:
+        _end_job(world, exc)
+
+
+def _bench(world, what, tokens, layers, micro_batches, calibration, quick, backend):
+    from . import bench as b
 
     def echo(msg):
         if world.rank == 0:

@@ -1,0 +1,37 @@
+"""`moempi bench` runs end to end (small shapes) and prints every ratio it promises."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from conftest import moempi, mpirun
+
+
+def ratios(text, label):
+    return [float(x) for x in re.findall(rf"{label} ([0-9.]+)", text)]
+
+
+def test_bench_all_quick(tmp_path):
+    cal = tmp_path / "cal.json"
+    proc = mpirun(2, "bench", "all", "--quick", "--tokens", "128", "--micro-batches", "2",
+                  "--calibration", cal, timeout=300)
+    out = proc.stdout
+    assert len(ratios(out, "-> ratio")) == 3                     # expert, exchange fp32 and bf16
+    assert all(0 < r < 5 for r in ratios(out, "-> ratio"))
+    assert len(ratios(out, "overlapped/blocking")) == 2          # real and comm-heavy shapes
+    assert "overlap" in out and "(OSU" in out
+    data = json.loads(cal.read_text())
+    assert data["format"] == "moempi-calibration" and data["gemm_flops"] > 0
+
+
+def test_bench_balance_quick():
+    proc = mpirun(4, "bench", "balance", "--quick", timeout=300)
+    m = re.search(r"MaxVio off ([0-9.]+) -> ([0-9.]+), on ([0-9.]+) -> ([0-9.]+)", proc.stdout)
+    off0, off1, on0, on1 = map(float, m.groups())
+    assert on1 < 0.8 * on0 and off1 > 0.8 * off0
+
+
+def test_bench_place_quick():
+    proc = moempi("bench", "place", "--quick", timeout=120)
+    assert "locality" in proc.stdout
