@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import MoempiError
-from .memory import check_fits, memory_per_gpu, smallest_fitting_tp
+from .memory import check_fits, experts_per_gpu, memory_per_gpu, smallest_fitting_tp
 from .shapes import ModelMeta
 from .topology import Topology
 
@@ -22,6 +22,10 @@ def expert_flops_per_pair(meta: ModelMeta) -> int:
 
 EXCHANGE_PHASES = 3     # per micro-batch per MoE layer: counts exchange, dispatch, combine
 WIRE_BYTES = {"bf16": 2, "fp32": 4}   # DESIGN §1: BF16 on the wire (production), fp32 (exact)
+
+# Bytes per weight element as the GEMM reads it: the numpy backend keeps weights in float32.
+# Used only with a measured ``weight_Bps`` (each expert GEMM call streams its two matrices).
+COMPUTE_WEIGHT_BYTES = 4
 
 CALIBRATION_FORMAT = "moempi-calibration"
 CALIBRATION_VERSION = 1
@@ -40,6 +44,15 @@ class Hardware:
     gpus_per_node: int
     memory_bytes: float        # memory per GPU, B
     source: str = "seed"       # where the figures come from
+    # CPU-scale terms, measured by calibration; 0 = not modelled (the datasheet/seed case,
+    # where they are negligible next to a GPU layer's milliseconds):
+    weight_Bps: float = 0.0    # B/s at which one GEMM call streams (packs) its weights: a fixed
+                               # 2*H*F*4 B / weight_Bps per call, what makes small GEMMs slow
+    token_elem_s: float = 0.0  # s per token per hidden element of a MoE layer's non-GEMM work:
+                               # norm, softmax/top-k, gather + encode/decode, un-permute, combine
+    micro_batch_s: float = 0.0  # s per micro-batch per MoE layer: routing plan, Python, scheduler
+    first_touch_s: float = 0.0  # s per (token, expert) pair element the first MoE layer of a
+                                # run adds: its new exchange/unpermute buffers are paged in
 
     @classmethod
     def from_topology(cls, topo: Topology, source: str = "topology") -> "Hardware":
@@ -59,19 +72,29 @@ class Calibration:
 
     ``alltoall`` holds ``(num_ranks, latency_s, bandwidth_Bps)`` rows sorted by rank count:
     the latency of an (almost) empty Alltoallv and the per-rank bandwidth of a large one.
+    ``cpu`` (optional, from ``perf_validate.calibrate``) holds ``(num_ranks, gemm_flops,
+    weight_Bps, token_elem_s, micro_batch_s, first_touch_s)`` rows measured with all ranks computing at once
+    (so more ranks than cores shows up as a lower rate); where present it replaces
+    ``gemm_flops`` and adds the small-scale terms of :class:`Hardware`.
     """
 
     machine: str
     gemm_flops: float                              # achieved GEMM FLOP/s of one rank
     gemm_dtype: str
     alltoall: tuple[tuple[int, float, float], ...]
+    cpu: tuple[tuple[int, float, float, float, float, float], ...] = ()
 
     @classmethod
     def from_measurements(cls, gemm_flops: float, alltoall: dict[int, tuple[float, float]],
-                          machine: str, gemm_dtype: str = "float32") -> "Calibration":
-        """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``."""
+                          machine: str, gemm_dtype: str = "float32",
+                          cpu: dict[int, tuple] | None = None) -> "Calibration":
+        """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``; ``cpu``
+        a rank count to ``(gemm_flops, weight_Bps, token_elem_s, micro_batch_s[,
+        first_touch_s])`` (first_touch_s 0 when left out)."""
         rows = tuple(sorted((int(n), float(lat), float(bw)) for n, (lat, bw) in alltoall.items()))
-        return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows).validate()
+        cpu_rows = tuple(sorted((int(n), *map(float, (tuple(v) + (0.0,))[:5]))
+                                for n, v in (cpu or {}).items()))
+        return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows).validate()
 
     def validate(self, source: str = "calibration") -> "Calibration":
         if not self.gemm_flops > 0:
@@ -82,6 +105,10 @@ class Calibration:
             if n < 1 or lat < 0 or not bw > 0:
                 raise MoempiError(f"{source}: alltoall[{n}] needs ranks >= 1, latency_s >= 0, "
                                   f"bandwidth_Bps > 0")
+        for n, flops, wbps, tok, mb, ft in self.cpu:
+            if n < 1 or not flops > 0 or min(wbps, tok, mb, ft) < 0:
+                raise MoempiError(f"{source}: cpu[{n}] needs ranks >= 1, gemm_flops > 0, "
+                                  f"weight_Bps, token_elem_s, micro_batch_s, first_touch_s >= 0")
         return self
 
     def alltoall_at(self, num_ranks: int) -> tuple[float, float]:
@@ -92,19 +119,36 @@ class Calibration:
         return (float(np.interp(x, ranks, [r[1] for r in self.alltoall])),
                 float(np.interp(x, ranks, [r[2] for r in self.alltoall])))
 
+    def cpu_at(self, num_ranks: int) -> tuple[float, float, float, float, float]:
+        """(gemm_flops, weight_Bps, token_elem_s, micro_batch_s, first_touch_s) at
+        ``num_ranks``, interpolated like :meth:`alltoall_at`; without ``cpu`` rows:
+        ``(gemm_flops, 0, 0, 0, 0)``."""
+        if not self.cpu:
+            return self.gemm_flops, 0.0, 0.0, 0.0, 0.0
+        x = math.log2(max(num_ranks, 1))
+        ranks = np.log2([r[0] for r in self.cpu])
+        return tuple(float(np.interp(x, ranks, [r[i] for r in self.cpu])) for i in range(1, 6))
+
     def hardware(self, num_ranks: int, topo: Topology) -> Hardware:
         """Measured figures at ``num_ranks``; GPUs per node and memory from ``topo``."""
         latency, bandwidth = self.alltoall_at(num_ranks)
-        return Hardware(gemm_flops=self.gemm_flops, latency_s=latency, intra_Bps=bandwidth,
+        flops, weight_Bps, token_elem_s, micro_batch_s, first_touch_s = self.cpu_at(num_ranks)
+        return Hardware(gemm_flops=flops, latency_s=latency, intra_Bps=bandwidth,
                         inter_Bps=bandwidth, link="measured", gpus_per_node=topo.gpus_per_node,
-                        memory_bytes=topo.gpu_memory_gb * 1e9, source=f"calibration: {self.machine}")
+                        memory_bytes=topo.gpu_memory_gb * 1e9, source=f"calibration: {self.machine}",
+                        weight_Bps=weight_Bps, token_elem_s=token_elem_s,
+                        micro_batch_s=micro_batch_s, first_touch_s=first_touch_s)
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
                 "machine": self.machine, "gemm_flops": self.gemm_flops,
                 "gemm_dtype": self.gemm_dtype,
                 "alltoall": {str(n): {"latency_s": lat, "bandwidth_Bps": bw}
-                             for n, lat, bw in self.alltoall}}
+                             for n, lat, bw in self.alltoall},
+                **({"cpu": {str(n): {"gemm_flops": f, "weight_Bps": w, "token_elem_s": t,
+                                     "micro_batch_s": m, "first_touch_s": ft}
+                            for n, f, w, t, m, ft in self.cpu}}
+                   if self.cpu else {})}
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -128,9 +172,14 @@ class Calibration:
         try:
             alltoall = {int(n): (float(v["latency_s"]), float(v["bandwidth_Bps"]))
                         for n, v in data["alltoall"].items()}
+            cpu = {int(n): (float(v["gemm_flops"]), float(v["weight_Bps"]),
+                            float(v["token_elem_s"]), float(v["micro_batch_s"]),
+                            float(v.get("first_touch_s", 0.0)))
+                   for n, v in data.get("cpu", {}).items()}
             return cls.from_measurements(float(data["gemm_flops"]), alltoall,
                                          str(data.get("machine", "")),
-                                         str(data.get("gemm_dtype", "float32"))).validate(path)
+                                         str(data.get("gemm_dtype", "float32")),
+                                         cpu).validate(path)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MoempiError(f"{path}: needs gemm_flops and alltoall "
                               "{ranks: {latency_s, bandwidth_Bps}}") from None
@@ -292,9 +341,19 @@ class LayerTimes:
                 "hidden": self.hidden}
 
 
-def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: int) -> LayerTimes:
-    """A dense layer: the MLP's ``2 * 2*H*Fd`` FLOPs per token at the GEMM rate; no exchange."""
-    t = tokens_per_gpu * 4 * meta.hidden_size * meta.dense_ffn_size / hw.gemm_flops
+def weight_stream_s(hw: Hardware, hidden: int, ffn: int, calls: int) -> float:
+    """Fixed cost of ``calls`` MLP GEMM pairs: each streams ``2*H*F`` weights (0 if unmeasured)."""
+    if not hw.weight_Bps:
+        return 0.0
+    return calls * 2 * hidden * ffn * COMPUTE_WEIGHT_BYTES / hw.weight_Bps
+
+
+def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: int,
+                     micro_batches: int = 1) -> LayerTimes:
+    """A dense layer: the MLP's ``2 * 2*H*Fd`` FLOPs per token at the GEMM rate, one weight
+    stream per micro-batch (the runner runs the dense MLP per micro-batch); no exchange."""
+    t = (tokens_per_gpu * 4 * meta.hidden_size * meta.dense_ffn_size / hw.gemm_flops
+         + weight_stream_s(hw, meta.hidden_size, meta.dense_ffn_size, micro_batches))
     return LayerTimes(layer, "dense", t, 0.0, 0.0, 0.0, 0.0, 0.0, 1, t, t)
 
 
@@ -311,23 +370,40 @@ def moe_exchange(meta: ModelMeta, hw: Hardware, traffic: Traffic, wire_bytes: in
             traffic.inter_pairs * row / hw.inter_Bps)
 
 
-def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int) -> float:
-    """Expert GEMMs of the busiest GPU plus its gate ``h @ gate`` (2*H*E FLOPs per token), s."""
+def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
+                micro_batches: int = 1, experts_per_gpu: int = 1, first: bool = False) -> float:
+    """Expert GEMMs of the busiest GPU plus its gate ``h @ gate`` (2*H*E FLOPs per token), s.
+
+    With calibrated CPU terms (all 0 for datasheet hardware) add: one weight stream per
+    (micro-batch, local expert) GEMM call, ``T * H * token_elem_s`` of per-token non-GEMM
+    work, ``m * micro_batch_s`` fixed work per micro-batch and, in the first MoE layer of a
+    run (``first``), ``T * K * H * first_touch_s`` for paging in its new buffers.
+    """
     flops = (traffic.compute_pairs * expert_flops_per_pair(meta)
              + tokens_per_gpu * 2 * meta.hidden_size * meta.num_experts)
-    return flops / hw.gemm_flops
+    return (flops / hw.gemm_flops
+            + weight_stream_s(hw, meta.hidden_size, meta.moe_ffn_size,
+                              micro_batches * experts_per_gpu)
+            + tokens_per_gpu * meta.hidden_size * hw.token_elem_s
+            + micro_batches * hw.micro_batch_s
+            + (tokens_per_gpu * meta.top_k * meta.hidden_size * hw.first_touch_s if first else 0.0))
 
 
 def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
-               micro_batches: int, wire_bytes: int, layer: int) -> LayerTimes:
-    """Predicted times of MoE layer ``layer`` cut into ``micro_batches``."""
-    compute = moe_compute(meta, hw, traffic, tokens_per_gpu)
+               micro_batches: int, wire_bytes: int, layer: int,
+               experts_per_gpu: int = 1, first: bool = False) -> LayerTimes:
+    """Predicted times of MoE layer ``layer`` cut into ``micro_batches``.
+
+    ``blocking_s`` is the m = 1 layer.  The CPU terms of :func:`moe_compute` depend on m, so
+    ``compute_s`` is at ``micro_batches`` and ``blocking_s`` recomputes it at m = 1."""
+    compute = moe_compute(meta, hw, traffic, tokens_per_gpu, micro_batches, experts_per_gpu, first)
+    compute1 = moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, first)
     intra, inter = moe_exchange(meta, hw, traffic, wire_bytes)
     dispatch = max(intra, inter)                        # links run concurrently: the slower one
     m = micro_batches
     return LayerTimes(layer, "moe", compute, intra, inter, dispatch, dispatch,
                       EXCHANGE_PHASES * m * hw.latency_s, m,
-                      pipeline_time(compute, 2 * dispatch, hw.latency_s, 1),
+                      pipeline_time(compute1, 2 * dispatch, hw.latency_s, 1),
                       pipeline_time(compute, 2 * dispatch, hw.latency_s, m), traffic.skew)
 
 
@@ -425,14 +501,16 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
     uniform = traffic_from_pairs(uniform_pairs(layout.ep, layout.tp, T, meta.top_k),
                                  layout.tp, hw.gpus_per_node, hw.link)
     per_layer = {l: (traffic or {}).get(l, uniform) for l in meta.moe_layers}
+    epg = experts_per_gpu(meta.num_experts, layout.ep)
     m = layout.micro_batches
     if m == 0:
         cap = min(max_micro_batches, T)
-        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l).overlapped_s
-                    for l, t in per_layer.items()) for k in range(1, cap + 1)]
+        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, i == 0).overlapped_s
+                    for i, (l, t) in enumerate(per_layer.items())) for k in range(1, cap + 1)]
         m = 1 + int(np.argmin(np.round(sums, 15)))
-    layers = [dense_layer_time(meta, hw, T, l) for l in range(meta.num_dense_layers)]
-    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l) for l, t in per_layer.items()]
+    layers = [dense_layer_time(meta, hw, T, l, m) for l in range(meta.num_dense_layers)]
+    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, i == 0)
+               for i, (l, t) in enumerate(per_layer.items())]
     skew = max((t.skew for t in per_layer.values()), default=1.0)
     weight_bytes = 4 if layout.precision == "fp32" else meta.weight_bytes
     mem = memory_per_gpu(meta, layout.ep, layout.tp, T, m, layout.wire_bytes, weight_bytes, skew)

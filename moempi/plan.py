@@ -231,6 +231,24 @@ def run_plan(meta: ModelMeta, topo: Topology, layout: Layout, calibration: Calib
     return forward_time(meta, hw, layout, traffic, max_micro_batches)
 
 
+def _validate(paths, hardware_path, topology_path, json_path) -> None:
+    """``--validate``: the model's prediction of finished runs against their timings."""
+    from .perf_validate import format_table, predict_runs, summarize
+    if not hardware_path:
+        raise MoempiError("--validate needs --hardware CAL.json (calibrate this machine first: "
+                          "mpiexec -n P python -m moempi.perf_validate --calibration CAL.json)")
+    topo = load_topology(topology_path) if topology_path else None
+    rows = predict_runs(list(paths), Calibration.load(hardware_path), topo)
+    click.echo(format_table(rows))
+    if json_path:
+        text = json.dumps({"layers": rows, "summary": summarize(rows)}, indent=1)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            with open(json_path, "w") as f:
+                f.write(text + "\n")
+
+
 HELP = """Forecast a moempi forward pass on a cluster you may not have yet: per-layer expert
 compute, dispatch and combine on the bottleneck link (intra- and inter-node), latency share,
 the overlapped layer time with micro-batching, the whole forward time, tokens/s per GPU and
@@ -244,6 +262,7 @@ Examples:
   moempi plan --ep 8 --tokens-per-gpu 8192      # does not fit: tells the TP that does
   moempi plan --hardware cal.json --ep 4 --preset small   # measured figures from moempi bench
   moempi plan --trace out.h5 --placement p.json --json plan.json
+  moempi plan --hardware cal.json --validate out.h5   # predicted vs measured, per layer
 """
 
 
@@ -281,11 +300,19 @@ Examples:
                    "from its routing, not from uniformity.")
 @click.option("--sweep", "sweep", default=None, metavar="KEY=V1,V2,...",
               help=f"Vary one of {', '.join(SWEEP_KEYS)} and print one row per value.")
+@click.option("--validate", "validate_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Output HDF5 of a real run (repeat the option for repeats of the same run: "
+                   "the fastest counts): predict it with --hardware and print predicted vs "
+                   "measured time per layer and the errors.  Other layout options are ignored.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the figures as JSON to this file ('-' for stdout).")
 def plan(model, preset, topology_path, hardware_path, ep, tp, dp, tokens_per_gpu, micro_batches,
-         max_micro_batches, precision, placement_path, trace_path, sweep, json_path):
+         max_micro_batches, precision, placement_path, trace_path, sweep, validate_paths,
+         json_path):
     try:
+        if validate_paths:
+            _validate(validate_paths, hardware_path, topology_path, json_path)
+            return
         meta, name = _load_model(model, preset)
         meta.validate(name)
         topo = load_topology(topology_path) if topology_path else Topology()
