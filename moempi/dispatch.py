@@ -60,7 +60,9 @@ class DispatchPlan:
         ``order``: ``pair_order`` on the device of ``back`` (default: the host copy).
         """
         xp = array_module(back)
-        out = xp.zeros((num_tokens * self.top_k, back.shape[1]), dtype=xp.float32)
+        shape = (num_tokens * self.top_k, back.shape[1])
+        # every pair returns unless some were dropped: only then does the buffer need zeros
+        out = xp.empty(shape, xp.float32) if len(back) == shape[0] else xp.zeros(shape, xp.float32)
         out[self.pair_order if order is None else order] = back
         return out.reshape(num_tokens, self.top_k, back.shape[1])
 
@@ -181,6 +183,13 @@ class Exchanger:
         yield from self._alltoallv(send, plan.send_counts, plan.send_displs,
                                    recv, plan.recv_counts, plan.recv_displs)
         return self.backend.unpack(recv, self.bf16, self._scratch("dispatch_f32", len(recv)))
+
+    def output_buffer(self, plan: DispatchPlan):
+        """Where the experts may write their `[R, H]` float32 output so that combine sends it
+        without a copy (fp32 on the wire, host memory), or None."""
+        if self.bf16 or self.backend.gpu:
+            return None
+        return self._buffer("combine_send", plan.num_recv)
 
     def combine(self, plan: DispatchPlan, y, num_tokens: int):
         """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks: `[N, K, H]` float32."""

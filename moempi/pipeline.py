@@ -281,7 +281,9 @@ class MicroBatch:
         """
         meta, backend = self.ctx.weights.meta, self.ctx.backend
         start = time.perf_counter()
-        y = self.xp.empty(recv.shape, dtype=self.xp.float32)
+        y = self.exchanger.output_buffer(plan)
+        if y is None:
+            y = self.xp.empty(recv.shape, dtype=self.xp.float32)
         chunk = max(CHUNK_ROWS, int(CHUNK_FLOP / (4 * meta.hidden_size * meta.moe_ffn_size)))
         for e, rows in plan.expert_slices():
             w_in, w_out = layer.experts[e]
