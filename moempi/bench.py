@@ -262,7 +262,6 @@ def bench_gpu(comm, backend_name: str, echo, quick: bool = False) -> dict:
     H, F, Fd, rows = (256, 128, 384, 512) if quick else (7168, 2048, 18432, 8192)
     result = {"device": backend.describe()}
     if comm.rank == 0:
-        xp = backend.xp
         h = _device_weights(backend, (rows, H), 1.0, np.float32)
         w_in = _device_weights(backend, (H, F), H**-0.5, bf16)
         w_out = _device_weights(backend, (F, H), F**-0.5, bf16)

@@ -13,7 +13,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import MoempiError
-from .topology import read_toml
+from .readers import read_toml
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ def read_f32(ds: h5py.Dataset, sel=()) -> np.ndarray:
     return np.asarray(data, dtype=np.float32)
 
 
-def _open(path: str, what: str) -> h5py.File:
+def open_h5(path: str, what: str) -> h5py.File:
+    """Open an HDF5 file for reading; missing, truncated or not HDF5 is a one-line error."""
     if not os.path.exists(path):
         raise MoempiError(f"{path}: {what} file not found")
     try:
@@ -114,7 +115,7 @@ def meta_from_file(f: h5py.File, path: str) -> ModelMeta:
 
 def read_model_meta(path: str) -> ModelMeta:
     """Read and validate a model file's metadata (root attributes, no weights)."""
-    with _open(path, "model") as f:
+    with open_h5(path, "model") as f:
         return meta_from_file(f, path)
 
 
@@ -157,7 +158,7 @@ class ModelReader:
 
     def __init__(self, path: str):
         self.path = path
-        self.file = _open(path, "model")
+        self.file = open_h5(path, "model")
 
     def close(self) -> None:
         self.file.close()
@@ -283,7 +284,7 @@ def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
 
 def tokens_shape(path: str) -> tuple[int, int]:
     """``(num_tokens, hidden)`` of a tokens file, validating its dataset and dtype."""
-    with _open(path, "tokens") as f:
+    with open_h5(path, "tokens") as f:
         ds = _dataset(f, "tokens", path)
         if ds.ndim != 2:
             raise MoempiError(f"{path}: /tokens must be 2-D [N, H], has shape {ds.shape}")
@@ -293,7 +294,7 @@ def tokens_shape(path: str) -> tuple[int, int]:
 
 def read_tokens(path: str, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of ``/tokens`` as float32 `[stop - start, H]`, checked finite."""
-    with _open(path, "tokens") as f:
+    with open_h5(path, "tokens") as f:
         ds = _dataset(f, "tokens", path)
         try:
             x = read_f32(ds, np.s_[start:stop])

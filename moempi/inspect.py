@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 
 from .errors import MoempiError
+from .hdf5 import open_h5
 
 
 def _json_attr(f, name, default=None):
@@ -19,11 +19,7 @@ def _json_attr(f, name, default=None):
 
 def summarise(path: str, echo=print) -> None:
     """Print the run's configuration, per-layer expert load, timing breakdown and overlap."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise MoempiError(f"{path}: cannot open as HDF5: {str(exc).splitlines()[0]}") from None
-    with f:
+    with open_h5(path, "output") as f:
         if f.attrs.get("format") != "moempi-output":
             raise MoempiError(f"{path}: not a moempi output file")
         cfg = _json_attr(f, "config", {})

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import MoempiError
+from .readers import read_json
 from .memory import check_fits, experts_per_gpu, memory_per_gpu, smallest_fitting_tp
 from .shapes import ModelMeta
 from .topology import Topology
@@ -157,13 +158,7 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str) -> "Calibration":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise MoempiError(f"{path}: calibration file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoempiError(f"{path}: not valid JSON: {exc}") from None
+        data = read_json(path, "calibration")
         if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
             raise MoempiError(f"{path}: not a moempi calibration (format must be "
                               f"{CALIBRATION_FORMAT!r})")

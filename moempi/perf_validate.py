@@ -253,14 +253,8 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False) -> Calibrati
 # -- predicting a finished run --------------------------------------------------------------
 def read_run(output_path: str) -> dict:
     """What the prediction needs from a run's output file."""
-    import h5py
-    try:
-        f = h5py.File(output_path, "r")
-    except FileNotFoundError:
-        raise MoempiError(f"{output_path}: output file not found") from None
-    except OSError as exc:
-        raise MoempiError(f"{output_path}: not an HDF5 file: {exc}") from None
-    with f:
+    from .hdf5 import open_h5
+    with open_h5(output_path, "output") as f:
         if f.attrs.get("format") != "moempi-output" or "timings/overall" not in f:
             raise MoempiError(f"{output_path}: not a moempi run output")
         return {"config": json.loads(f.attrs["config"]),

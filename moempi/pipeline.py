@@ -178,7 +178,7 @@ class MicroBatch:
 
     def _forward(self):
         ctx, meta = self.ctx, self.ctx.weights.meta
-        tel, ex = ctx.telemetry, self.exchanger
+        ex = self.exchanger
         x = self.x
         for layer in ctx.weights.layers:
             l = self.layer = layer.index
@@ -248,7 +248,7 @@ class MicroBatch:
 
     def _exchange(self, name: str, step):
         """Run an exchange step; the time from posting to completion counts as ``name``."""
-        tel, l, ex = self.ctx.telemetry, self.layer, self.exchanger
+        tel, l = self.ctx.telemetry, self.layer
         posted = time.perf_counter()
         result = None
         try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import MoempiError
+from .readers import read_json
 
 FORMAT = "moempi-placement"
 VERSION = 1
@@ -99,14 +100,7 @@ class Placement:
 
     @classmethod
     def load(cls, path: str, moe_layers) -> "Placement":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise MoempiError(f"{path}: placement file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoempiError(f"{path}: not valid JSON: {exc}") from None
-        return cls.from_dict(data, moe_layers, source=path)
+        return cls.from_dict(read_json(path, "placement"), moe_layers, source=path)
 
     def to_dict(self) -> dict:
         data = {"format": FORMAT, "version": VERSION, "num_ranks": self.num_ranks,

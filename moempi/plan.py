@@ -45,14 +45,8 @@ def placement_traffic(meta: ModelMeta, placement: Placement, layout: Layout,
 def read_trace(path: str, meta: ModelMeta) -> tuple[np.ndarray, dict[int, np.ndarray], int]:
     """``(home_rank [N] int32, {layer: topk_idx [N, K] int32}, world_size)`` of an output file
     written with ``--save-routing`` (DESIGN §2.3)."""
-    import h5py
-    try:
-        f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise MoempiError(f"{path}: trace file not found") from None
-    except OSError as exc:
-        raise MoempiError(f"{path}: not an HDF5 file: {exc}") from None
-    with f:
+    from .hdf5 import open_h5
+    with open_h5(path, "trace") as f:
         if "routing/home_rank" not in f:
             raise MoempiError(f"{path}: no /routing/home_rank: run with --save-routing")
         home = np.asarray(f["routing/home_rank"][()], dtype=np.int64)

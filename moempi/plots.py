@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import warnings
 
-import h5py
 import numpy as np
 
 from .errors import MoempiError
+from .hdf5 import open_h5
 
 FIGURES = ("load.png", "time.png", "overlap.png")
 
@@ -24,11 +24,7 @@ def _matplotlib():
 
 
 def _read(path: str) -> dict:
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise MoempiError(f"{path}: cannot open as HDF5: {str(exc).splitlines()[0]}") from None
-    with f:
+    with open_h5(path, "output") as f:
         try:
             data = {"moe": f["stats/moe_layers"][:].astype(int),                  # [L_moe]
                     "tpe": f["stats/tokens_per_expert"][:].astype(float),         # [L_moe, E]

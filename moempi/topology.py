@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from .errors import MoempiError
+from .readers import read_toml
 
 LINK_KINDS = ("fat-tree", "direct")
 
@@ -84,17 +79,6 @@ def topology_from_dict(data: dict, source: str = "topology") -> Topology:
             raise MoempiError(f"{source}: topology key {key!r} must be {kind.__name__}, "
                               f"got {value!r}") from None
     return Topology(**values).validate()
-
-
-def read_toml(path: str, what: str) -> dict:
-    """A TOML file as a dict; a missing or malformed file is a one-line MoempiError."""
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise MoempiError(f"{path}: {what} file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise MoempiError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_topology(path: str) -> Topology:

@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 from moempi.errors import MoempiError
-from moempi.place.baselines import contiguous_placement, eplb_placement
 from moempi.place.command import place
 from moempi.place.optimise import _bottleneck_assignment, place_experts
 from moempi.place.routing import REGIMES, load_trace, synthetic_routing
