@@ -45,13 +45,25 @@ def decode_bf16(xp, bits, out) -> None:
 
 
 class Ready:
-    """A GPU event as something the scheduler can poll, like an ``MPI.Request``."""
+    """A GPU event as something the scheduler can poll, like an ``MPI.Request``.
 
-    def __init__(self, event):
+    ``keep`` holds the device arrays the event's work still reads: CuPy's pool must not
+    hand their memory to another allocation before the copy that reads them is done.
+    """
+
+    def __init__(self, event, keep=()):
         self.event = event
+        self.keep = keep
 
     def Test(self) -> bool:
-        return bool(self.event.query())
+        if self.event.done:
+            self.keep = ()
+            return True
+        return False
+
+    def wait(self) -> None:
+        self.event.synchronize()
+        self.keep = ()
 
 
 class HostBackend:
@@ -121,6 +133,9 @@ class DeviceBackend(HostBackend):
         cp.cuda.Device(device).use()
         self.compute = cp.cuda.Stream(non_blocking=True)
         self.copy = cp.cuda.Stream(non_blocking=True)
+        # every kernel this rank launches (norms, gating, experts, combine) goes to the
+        # compute stream; only the host<->device copies run on the copy stream
+        self.compute.use()
         self.device_buffers = cuda_aware
 
     def to_device(self, a, dtype=np.float32):
@@ -157,13 +172,13 @@ class DeviceBackend(HostBackend):
             with self.compute:
                 out[...] = wire
             done.record(self.compute)   # MPI may read ``out`` once the compute stream got here
-            return Ready(done)
+            return Ready(done, (wire,))
         filled = self.compute.record()
         self.copy.wait_event(filled)
         with self.copy:
             wire.get(stream=self.copy, out=out, blocking=False)
         done.record(self.copy)
-        return Ready(done)
+        return Ready(done, (wire,))
 
     def pack(self, rows_of, idx, out, bf16: bool):
         with self.compute:
@@ -239,6 +254,8 @@ def make_backend(name: str, comm, cuda_aware: str = "auto"):
     and several ranks may share one GPU."""
     if name == "numpy":
         return HostBackend()
+    # collective first, before anything that may fail on some ranks only (no GPU, no cupy)
+    local_rank, _ = node_local_rank(comm)
     if name == "cupy":
         try:
             import cupy as cp
@@ -253,7 +270,6 @@ def make_backend(name: str, comm, cuda_aware: str = "auto"):
     if count < 1:
         raise MoempiError(f"backend {name}: no GPU visible (CUDA_VISIBLE_DEVICES="
                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-    local_rank, _ = node_local_rank(comm)
     aware = {"yes": True, "no": False}.get(cuda_aware)
     if aware is None:
         aware = bool(mpi_cuda_aware()) if name == "cupy" else False

@@ -84,9 +84,19 @@ def apply_capacity(scores: np.ndarray, topk_idx: np.ndarray, room: np.ndarray,
     return idx, rerouted, dropped
 
 
-def topk_weights_for(probs: np.ndarray, topk_idx: np.ndarray, norm_topk_prob: bool) -> np.ndarray:
-    """Weights of a (possibly rerouted) selection from the unbiased probs; 0 where dropped."""
-    w = np.where(topk_idx >= 0, np.take_along_axis(probs, np.maximum(topk_idx, 0), axis=1), 0)
+def topk_weights_for(probs: np.ndarray, topk_idx: np.ndarray, chosen: np.ndarray,
+                     norm_topk_prob: bool) -> np.ndarray:
+    """Weights of the selection after capacity, from the unbiased probs.
+
+    ``chosen`` `[N, K]` is the selection before capacity.  A rerouted pair weighs its new
+    expert's probability; a dropped pair weighs 0 and the token's other weights stay what
+    they were (normalised over the slots it had, dropped ones included): dropping a pair
+    removes its contribution, it does not hand it to the others.
+    """
+    kept = np.take_along_axis(probs, np.maximum(topk_idx, 0), axis=1)
+    before = np.take_along_axis(probs, chosen, axis=1)
+    w = np.where(topk_idx >= 0, kept, 0)
     if norm_topk_prob:
-        w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+        w = w / np.maximum(np.where(topk_idx >= 0, kept, before).sum(axis=1, keepdims=True),
+                           1e-30)
     return w.astype(np.float32)

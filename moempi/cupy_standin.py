@@ -2,13 +2,16 @@
 
 Arrays are a numpy subclass (so "device" and host arrays stay distinguishable and every
 host<->device transfer must be explicit), streams and events keep CuPy's interface, and
-an event reports "not ready" on its first query, so the scheduler's polling of GPU work
-is exercised too.  Nothing here is fast; it is there to be correct.
+an event reports "not ready" for a random number of queries (1 to 3, a different sequence
+in every process), so the scheduler's polling of GPU work, and work finishing in a
+different order on different ranks, are exercised too.  Nothing here is fast; it is there
+to be correct.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as _np
 
@@ -73,6 +76,9 @@ class _Stream:
     def synchronize(self):
         pass
 
+    def use(self):
+        return self
+
     def wait_event(self, event):
         pass
 
@@ -83,18 +89,21 @@ class _Stream:
 
 
 class _Event:
+    _rng = random.Random(os.getpid())
+
     def __init__(self, *args, **kwargs):
-        self._polls = 0
+        self._polls, self._busy = 0, 0
 
     def record(self, stream=None):
-        self._polls = 0
+        self._polls, self._busy = 0, self._rng.randint(1, 3)
 
-    def query(self) -> bool:
+    @property
+    def done(self) -> bool:
         self._polls += 1
-        return self._polls > 1          # "still running" once, like real asynchronous work
+        return self._polls > self._busy    # "still running" for a while, like real GPU work
 
     def synchronize(self):
-        self._polls = 2
+        self._polls = self._busy
 
 
 class _Device:

@@ -177,8 +177,7 @@ class Exchanger:
         self._order = self.backend.index(plan.pair_order)       # on h's device
         send = self._buffer("dispatch_send", plan.num_send)
         ready = self.backend.pack(h, self._order // plan.top_k, send, self.bf16)
-        if ready is not None:       # the GPU copy must land before MPI reads the buffer
-            yield ready
+        yield from self._ready(ready)     # the GPU copy must land before MPI reads the buffer
         recv = self._buffer("dispatch_recv", plan.num_recv)
         yield from self._alltoallv(send, plan.send_counts, plan.send_displs,
                                    recv, plan.recv_counts, plan.recv_displs)
@@ -194,9 +193,7 @@ class Exchanger:
     def combine(self, plan: DispatchPlan, y, num_tokens: int):
         """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks: `[N, K, H]` float32."""
         send = self._buffer("combine_send", plan.num_recv)
-        ready = self.backend.pack_all(y, send, self.bf16)
-        if ready is not None:
-            yield ready
+        yield from self._ready(self.backend.pack_all(y, send, self.bf16))
         recv = self._buffer("combine_recv", plan.num_send)
         yield from self._alltoallv(send, plan.recv_counts, plan.recv_displs,
                                    recv, plan.send_counts, plan.send_displs)
@@ -226,6 +223,16 @@ class Exchanger:
         return time.perf_counter() - start
 
     # -- machinery -------------------------------------------------------------------------
+    def _ready(self, ready):
+        """Wait for a staged buffer: yield it to the scheduler, or (blocking) wait here, so
+        that blocking collectives are entered in micro-batch order on every rank."""
+        if ready is None:
+            return
+        if self.blocking:
+            ready.wait()
+        else:
+            yield ready
+
     def _alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs):
         sendspec = [send, (send_counts, send_displs), self.rowtype]
         recvspec = [recv, (recv_counts, recv_displs), self.rowtype]

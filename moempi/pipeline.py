@@ -224,9 +224,10 @@ class MicroBatch:
             probs = backend.to_host(probs)
             replicas = np.array([len(r) for r in ctx.placement.hosts[layer.index]])
             room = capacity(topk_idx.size, meta.num_experts, replicas, ctx.capacity_factor)
-            topk_idx, moved, lost = apply_capacity(probs + ctx.bias[m], topk_idx, room,
+            chosen = topk_idx
+            topk_idx, moved, lost = apply_capacity(probs + ctx.bias[m], chosen, room,
                                                    ctx.reroute)
-            topk_weights = backend.to_device(topk_weights_for(probs, topk_idx,
+            topk_weights = backend.to_device(topk_weights_for(probs, topk_idx, chosen,
                                                               meta.norm_topk_prob))
             ctx.telemetry.rerouted[m] += moved
             ctx.telemetry.dropped[m] += lost

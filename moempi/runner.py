@@ -187,6 +187,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         micro_batches, probe = resumed_micro, {}
     else:
         micro_batches, probe = choose_micro_batches(cfg, comm, meta, weights, min(batch, max_local))
+        micro_batches = world.bcast(micro_batches, root=0)   # one count for every replica
     mode = "overlapped" if cfg.pipeline.overlap else "blocking"
     say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "
                f"micro-batch(es), {mode} exchange")

@@ -111,3 +111,12 @@ def test_apply_capacity_keeps_best_and_reroutes():
     assert new[:, 0].tolist() == [0, 1, 2] and moved == 2 and lost == 0
     new, moved, lost = apply_capacity(scores, idx, room, reroute=False)
     assert new[:, 0].tolist() == [0, -1, -1] and lost == 2
+
+
+def test_dropped_pair_does_not_reweight_the_others():
+    from moempi.balance import topk_weights_for
+    probs = np.array([[0.6, 0.3, 0.1]], dtype=np.float32)
+    chosen = np.array([[0, 1]])
+    assert np.allclose(topk_weights_for(probs, np.array([[0, -1]]), chosen, True), [[2 / 3, 0]])
+    assert np.allclose(topk_weights_for(probs, np.array([[0, 2]]), chosen, True), [[6 / 7, 1 / 7]])
+    assert np.allclose(topk_weights_for(probs, np.array([[0, -1]]), chosen, False), [[0.6, 0]])
