@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
@@ -65,7 +66,7 @@ def main():
 def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ffn, top_k,
                activation, dtype, no_final_norm, seed, overwrite):
     """Write a random model checkpoint OUT (HDF5, DESIGN.md §2.1), one expert slab at a time."""
-    from .hdf5 import write_model
+    from .hdf5 import model_shapes, write_model
     changes = {k: v for k, v in dict(num_experts=experts, num_layers=layers,
                                       num_dense_layers=dense_layers, hidden_size=hidden,
                                       moe_ffn_size=ffn, dense_ffn_size=dense_ffn, top_k=top_k,
@@ -74,7 +75,7 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
     meta = PRESETS[preset].replace(**changes, has_final_norm=not no_final_norm).validate(out)
     if os.path.exists(out) and not overwrite:
         raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
-    size = sum(_numel(s) for s in _shapes(meta)) * meta.weight_bytes
+    size = sum(math.prod(shape) for shape in model_shapes(meta).values()) * meta.weight_bytes
     click.echo(f"writing {out}: {meta.num_layers} layers, {meta.num_experts} experts, hidden "
                f"{meta.hidden_size}, {meta.weight_dtype}, {size / 2**30:.2f} GiB")
     big = size > 2**30
@@ -84,18 +85,6 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
             click.echo(f"  layer {done}/{total}", err=True)
 
     write_model(out, meta, seed, progress)
-
-
-def _shapes(meta):
-    from .hdf5 import model_shapes
-    return model_shapes(meta).values()
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @cli.command("make-tokens")
