@@ -250,7 +250,7 @@ def trace_pairs(home_slot: np.ndarray, dest_slot: np.ndarray, ep: int, scale: fl
 
 # -- time ---------------------------------------------------------------------------------
 def pipeline_time(compute_s: float, exchange_s: float, latency_s: float, m: int,
-                  phases: int = EXCHANGE_PHASES) -> float:
+                  phases: int = EXCHANGE_PHASES, overhead_s: float = 0.0) -> float:
     """Time of one MoE layer cut into ``m`` micro-batches, s.
 
     Each micro-batch computes ``c = compute_s / m`` and moves ``x = phases * latency_s +
@@ -260,38 +260,42 @@ def pipeline_time(compute_s: float, exchange_s: float, latency_s: float, m: int,
     one bottleneck stage per further micro-batch (fill + steady state, the GPipe bubble
     argument, Huang et al. 2019): ``T(m) = c + x + (m - 1) * max(c, x)``.  ``m = 1`` is the
     blocking layer ``compute + exchange + phases * latency``; latency grows ``m``-fold, so
-    with latency there is a best ``m``, without it more is never worse.
+    with latency there is a best ``m``, without it more is never worse.  ``overhead_s``: a
+    fixed cost each micro-batch pays per layer on the host that nothing hides (launching
+    its steps; on a busy CPU, the exchange step's own code), ``+ m * overhead_s``.
     """
     c = compute_s / m
     x = phases * latency_s + exchange_s / m
-    return c + x + (m - 1) * max(c, x)
+    return c + x + (m - 1) * max(c, x) + m * overhead_s
 
 
 def best_micro_batches(compute_s: float, exchange_s: float, latency_s: float,
-                       max_micro_batches: int = 16) -> int:
+                       max_micro_batches: int = 16, overhead_s: float = 0.0) -> int:
     """The ``m`` in 1..max minimising :func:`pipeline_time` (the smallest on ties)."""
-    times = [pipeline_time(compute_s, exchange_s, latency_s, m)
+    times = [pipeline_time(compute_s, exchange_s, latency_s, m, overhead_s=overhead_s)
              for m in range(1, max(1, max_micro_batches) + 1)]
     return 1 + int(np.argmin(np.round(times, 15)))
 
 
 def choose_micro_batches(tokens_per_rank: int, meta: ModelMeta, num_ranks: int, gemm_flops: float,
                          latency_s: float, bandwidth_Bps: float, wire_bytes: int,
-                         max_micro_batches: int = 16) -> int:
+                         max_micro_batches: int = 16, overhead_s: float = 0.0) -> int:
     """Micro-batch count for the runner's overlap pipeline, uniform routing assumed.
 
     ``tokens_per_rank`` tokens, ``gemm_flops`` achieved expert-GEMM FLOP/s of one rank,
     ``latency_s`` per exchange phase, ``bandwidth_Bps`` per rank each direction,
     ``wire_bytes`` per element (2 BF16, 4 fp32).  Compute ``T*K*4*H*F / gemm_flops``; exchange
     ``2 * T*K*H*wire * (P-1)/P / bandwidth`` (dispatch + combine, the ``1/P`` kept locally);
-    the count minimises :func:`pipeline_time`, capped by ``tokens_per_rank``.
+    the count minimises :func:`pipeline_time` (with ``overhead_s`` per micro-batch and
+    layer), capped by ``tokens_per_rank``.
     """
     if tokens_per_rank < 1 or num_ranks < 1 or not gemm_flops > 0 or not bandwidth_Bps > 0:
         raise MoempiError("choose_micro_batches: tokens, ranks, GEMM rate and bandwidth must be > 0")
     pairs = tokens_per_rank * meta.top_k
     compute = pairs * expert_flops_per_pair(meta) / gemm_flops
     exchange = 2 * pairs * meta.hidden_size * wire_bytes * (num_ranks - 1) / num_ranks / bandwidth_Bps
-    return best_micro_batches(compute, exchange, latency_s, min(max_micro_batches, tokens_per_rank))
+    return best_micro_batches(compute, exchange, latency_s, min(max_micro_batches, tokens_per_rank),
+                              overhead_s)
 
 
 @dataclass(frozen=True)

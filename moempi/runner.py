@@ -17,7 +17,7 @@ from .backend import make_backend
 from .balance import BiasBalancer, max_violation
 from .checkpoint import Checkpoint, checkpoint_complete, fingerprint, scan
 from .config import Config
-from .dispatch import Exchanger, probe_network
+from .dispatch import Exchanger, probe_exchange_step, probe_network
 from .errors import MoempiError
 from .experts import mlp, rmsnorm
 from .model import load_weights
@@ -103,20 +103,28 @@ def shard(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
 
 
 def choose_micro_batches(cfg: Config, comm: MPI.Comm, meta: ModelMeta, weights,
-                         tokens_per_rank: int) -> tuple[int, dict]:
+                         tokens_per_rank: int, gpu: bool = False) -> tuple[int, dict]:
     """The micro-batch count: the config's, or the performance model's choice from a probe."""
     if cfg.pipeline.micro_batches:
         return cfg.pipeline.micro_batches, {}
     if not cfg.pipeline.overlap:
         return 1, {}
+    from .perf import EXCHANGE_PHASES
     from .perf import choose_micro_batches as model_choice
     wire_bytes = 2 if cfg.run.precision == "bf16" else 4
     latency, bandwidth = probe_network(comm, meta.hidden_size, wire_bytes)
+    step = probe_exchange_step(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
+                               meta.top_k)
+    # an empty exchange step costs the network's latency per phase plus host work that no
+    # overlap hides: the model's fixed cost per micro-batch and layer.  On the CPU backend
+    # all of it is host work on the cores that compute (the copies too), so none is hidden.
+    overhead = step if not gpu else max(0.0, step - EXCHANGE_PHASES * latency)
     gemm_flops = probe_gemm(weights, meta)
     m = model_choice(tokens_per_rank, meta, comm.size, gemm_flops, latency, bandwidth,
-                     wire_bytes, cfg.pipeline.max_micro_batches) if tokens_per_rank else 1
+                     wire_bytes, cfg.pipeline.max_micro_batches, overhead) if tokens_per_rank else 1
     m = comm.bcast(int(max(1, m)), root=0)
-    return m, {"latency_s": latency, "bandwidth_Bps": bandwidth, "gemm_flops": gemm_flops}
+    return m, {"latency_s": latency, "exchange_step_s": step, "bandwidth_Bps": bandwidth,
+               "gemm_flops": gemm_flops}
 
 
 def probe_gemm(weights, meta: ModelMeta, rows: int = 64) -> float:
@@ -186,7 +194,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     if resumed_micro:            # the same micro-batches as before: the same arithmetic
         micro_batches, probe = resumed_micro, {}
     else:
-        micro_batches, probe = choose_micro_batches(cfg, comm, meta, weights, min(batch, max_local))
+        micro_batches, probe = choose_micro_batches(cfg, comm, meta, weights, min(batch, max_local),
+                                                    backend.gpu)
         micro_batches = world.bcast(micro_batches, root=0)   # one count for every replica
     mode = "overlapped" if cfg.pipeline.overlap else "blocking"
     say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "

@@ -241,3 +241,12 @@ def test_dp_and_tp_scale_gpus_not_per_gpu_time():
     tp = forward_time(DSV3, SEED, Layout(ep=32, tp=2, micro_batches=2))
     assert tp.memory["experts"] == base.memory["experts"] // 2
     assert tp.moe_layers[0].dispatch_intra_s > base.moe_layers[0].dispatch_intra_s  # TP gather
+
+
+def test_fixed_cost_per_micro_batch_lowers_the_count():
+    """A host cost per micro-batch that nothing hides (the runner's probed exchange step)."""
+    from moempi.perf import best_micro_batches
+    free = best_micro_batches(compute_s=0.1, exchange_s=0.05, latency_s=0.0)
+    costly = best_micro_batches(compute_s=0.1, exchange_s=0.05, latency_s=0.0, overhead_s=0.005)
+    assert free == 16 and 1 < costly < free
+    assert best_micro_batches(compute_s=0.1, exchange_s=0.001, latency_s=0.0, overhead_s=0.01) == 1
