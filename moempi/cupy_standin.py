@@ -113,10 +113,6 @@ class _Device:
     def use(self):
         _cuda.current = self.id
 
-    @property
-    def compute_capability(self):
-        return "stand-in"
-
 
 class _Runtime:
     @staticmethod
@@ -126,10 +122,6 @@ class _Runtime:
     @staticmethod
     def getDeviceProperties(index):
         return {"name": b"numpy stand-in", "totalGlobalMem": 16 << 30}
-
-    @staticmethod
-    def memGetInfo():
-        return (16 << 30, 16 << 30)
 
 
 class _Cuda:

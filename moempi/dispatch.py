@@ -162,14 +162,7 @@ class Exchanger:
         """Exchange counts and build the :class:`DispatchPlan`; topk_idx/dest_rank `[N, K]`."""
         pair_order, sent = send_layout(topk_idx, dest_rank, self.comm.size, self.num_experts)
         received = np.empty_like(sent)
-        t = time.perf_counter()
-        if self.blocking:
-            self.comm.Alltoall(sent, received)
-            self.mpi_seconds += time.perf_counter() - t
-        else:
-            request = self.comm.Ialltoall(sent, received)
-            self.mpi_seconds += time.perf_counter() - t
-            yield request
+        yield from self._collective(self.comm.Alltoall, self.comm.Ialltoall, sent, received)
         return make_plan(topk_idx.shape[1], pair_order, sent, received, local_experts)
 
     def dispatch(self, plan: DispatchPlan, h):
@@ -234,16 +227,21 @@ class Exchanger:
             yield ready
 
     def _alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs):
-        sendspec = [send, (send_counts, send_displs), self.rowtype]
-        recvspec = [recv, (recv_counts, recv_displs), self.rowtype]
+        yield from self._collective(self.comm.Alltoallv, self.comm.Ialltoallv,
+                                    [send, (send_counts, send_displs), self.rowtype],
+                                    [recv, (recv_counts, recv_displs), self.rowtype])
+
+    def _collective(self, blocking_call, nonblocking_call, *args):
+        """The blocking call, or the nonblocking one whose request is yielded; the time spent
+        inside MPI (not waiting) is added to ``mpi_seconds``."""
         t = time.perf_counter()
         if self.blocking:
-            self.comm.Alltoallv(sendspec, recvspec)
+            blocking_call(*args)
             self.mpi_seconds += time.perf_counter() - t
-        else:
-            request = self.comm.Ialltoallv(sendspec, recvspec)
-            self.mpi_seconds += time.perf_counter() - t
-            yield request
+            return
+        request = nonblocking_call(*args)
+        self.mpi_seconds += time.perf_counter() - t
+        yield request
 
     def _buffer(self, name: str, rows: int, dtype=None, host: bool = False):
         """A `[rows, H]` view of a grow-only exchange buffer, reused across layers and batches."""

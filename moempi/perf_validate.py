@@ -38,7 +38,6 @@ from .topology import Topology
 
 SHAPES = ((512, 1024), (1024, 256))               # (H, F) the GEMM fit runs over
 GEMM_ROWS = (16, 32, 128, 512)
-OVERHEAD_TOKENS = (16, 512)                        # micro-batch sizes of the overhead fit
 TOLERANCE = 0.25                                   # issue 8: per-layer time within 25 %
 
 
@@ -89,49 +88,6 @@ def measure_gemm(comm, shapes=SHAPES, rows=GEMM_ROWS, repeats: int = 5) -> tuple
     slope, icept = np.polyfit(np.array(xs, float), np.array(ys), 1)
     rate = 4.0 / max(slope, 1e-30)
     return float(rate), float(8.0 / icept) if icept > 0 else 0.0
-
-
-def moe_overhead_step(x, norm, gate, top_k: int, replicas, rank: int, num_ranks: int,
-                      local_experts, eps: float = 1e-6) -> None:
-    """One micro-batch's non-GEMM work of a MoE layer on ``x`` `[n, H]` float32, as the pipeline
-    does it (exchange and expert GEMMs left out; received rows stand in for sent ones)."""
-    from .dispatch import make_plan, send_layout
-    from .experts import rmsnorm
-    from .gating import gate_probs, route
-    from .placement import assign_replicas
-    h = rmsnorm(x, norm, eps)
-    probs = gate_probs(h, gate)
-    topk_idx, topk_weights = route(probs, top_k, None, True)
-    dest = assign_replicas(topk_idx, *replicas, rank)
-    pair_order, sent = send_layout(topk_idx, dest, num_ranks, gate.shape[1])
-    received = np.zeros_like(sent)
-    received[:, list(local_experts)] = sent.sum(axis=0)[list(local_experts)] // num_ranks
-    plan = make_plan(top_k, pair_order, sent, received, local_experts)
-    send = np.empty((plan.num_send, x.shape[1]), np.float32)
-    send[...] = h[plan.pair_order // top_k]                      # gather + encode (fp32 wire)
-    x += np.einsum("nkh,nk->nh", plan.unpermute(send, len(x)), topk_weights)
-
-
-def measure_overheads(comm, hidden: int = 512, num_experts: int = 4, top_k: int = 2,
-                      tokens=OVERHEAD_TOKENS, repeats: int = 7) -> tuple[float, float]:
-    """(token_elem_s, micro_batch_s): the fit ``t(n) = micro_batch_s + n * H * token_elem_s``
-    of :func:`moe_overhead_step` over micro-batch sizes ``n``."""
-    from .placement import Placement
-    rng = np.random.default_rng(comm.rank)
-    placement = Placement.default(num_experts, comm.size, [0])
-    replicas = placement.replica_table(0, comm.rank)
-    local = placement.experts_on(0, comm.rank) or [0]
-    norm = np.ones(hidden, np.float32)
-    gate = (rng.standard_normal((hidden, num_experts)) / hidden**0.5).astype(np.float32)
-    times = []
-    for n in tokens:
-        x = rng.standard_normal((n, hidden)).astype(np.float32)
-        step = lambda: moe_overhead_step(x, norm, gate, top_k, replicas, comm.rank, comm.size,
-                                         sorted(local))
-        step()
-        times.append(_slowest(comm, step, repeats))
-    slope, icept = np.polyfit(np.array(tokens, float), np.array(times), 1)
-    return max(float(slope), 0.0) / hidden, max(float(icept), 0.0)
 
 
 RUNNER_SHAPE = (768, 512)        # (H, F) of the calibration runs: neither validation shape
@@ -393,5 +349,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["TOLERANCE", "calibrate", "format_table", "measure_gemm", "measure_overheads",
+__all__ = ["TOLERANCE", "calibrate", "format_table", "measure_gemm",
            "predict_run", "predict_runs", "read_run", "summarize"]

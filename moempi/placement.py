@@ -143,15 +143,6 @@ class Placement:
                     seen.setdefault(r, e)
         return self
 
-    @property
-    def packed(self) -> bool:
-        """True where some rank hosts two experts of one layer."""
-        for per_expert in self.hosts.values():
-            ranks = [r for rs in per_expert for r in rs]
-            if len(ranks) != len(set(ranks)):
-                return True
-        return False
-
     # -- queries used by the runner ------------------------------------------------------
     def experts_on(self, layer: int, rank: int) -> list[int]:
         """Experts of ``layer`` hosted by ``rank``, ascending."""

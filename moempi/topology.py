@@ -34,9 +34,6 @@ class Topology:
     def num_gpus(self) -> int:
         return self.nodes * self.gpus_per_node
 
-    def node_of(self, rank: int) -> int:
-        return rank // self.gpus_per_node
-
     def validate(self) -> "Topology":
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise MoempiError(f"topology: nodes ({self.nodes}) and gpus_per_node "

@@ -63,14 +63,6 @@ def traffic_matrix(topk_idx: np.ndarray, home_rank: np.ndarray, placement: Place
     return np.bincount(src * P + dest[live], minlength=P * P).reshape(P, P)
 
 
-def link_names(topology: Topology) -> list[str]:
-    """Names of the inter-node links, in the order :func:`link_loads` reports them."""
-    M = topology.nodes
-    if topology.link == "fat-tree":
-        return [f"node{a} up" for a in range(M)] + [f"node{b} down" for b in range(M)]
-    return [f"node{a}->node{b}" for a in range(M) for b in range(M)]
-
-
 def link_loads(traffic: np.ndarray, topology: Topology) -> dict[str, np.ndarray]:
     """Tokens on each link for one layer's traffic `[P, P]` (int or float).
 
