@@ -258,6 +258,8 @@ def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
 
 def _bench(world, what, tokens, layers, micro_batches, calibration, quick, backend):
     from . import bench as b
+    from .heap import keep_freed_memory
+    keep_freed_memory()              # as `moempi run` does
 
     def echo(msg):
         if world.rank == 0:

@@ -52,8 +52,9 @@ class Hardware:
     token_elem_s: float = 0.0  # s per token per hidden element of a MoE layer's non-GEMM work:
                                # norm, softmax/top-k, gather + encode/decode, un-permute, combine
     micro_batch_s: float = 0.0  # s per micro-batch per MoE layer: routing plan, Python, scheduler
-    first_touch_s: float = 0.0  # s per (token, expert) pair element the first MoE layer of a
-                                # run adds: its new exchange/unpermute buffers are paged in
+    first_touch_s: float = 0.0  # s per (token, expert) pair element a run's first forward pass
+                                # adds, once: a fresh process pages its working set in
+                                # (moempi.heap; spread over the MoE layers, see moe_compute)
 
     @classmethod
     def from_topology(cls, topo: Topology, source: str = "topology") -> "Hardware":
@@ -370,13 +371,17 @@ def moe_exchange(meta: ModelMeta, hw: Hardware, traffic: Traffic, wire_bytes: in
 
 
 def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
-                micro_batches: int = 1, experts_per_gpu: int = 1, first: bool = False) -> float:
+                micro_batches: int = 1, experts_per_gpu: int = 1,
+                touch_share: float = 0.0) -> float:
     """Expert GEMMs of the busiest GPU plus its gate ``h @ gate`` (2*H*E FLOPs per token), s.
 
     With calibrated CPU terms (all 0 for datasheet hardware) add: one weight stream per
     (micro-batch, local expert) GEMM call, ``T * H * token_elem_s`` of per-token non-GEMM
-    work, ``m * micro_batch_s`` fixed work per micro-batch and, in the first MoE layer of a
-    run (``first``), ``T * K * H * first_touch_s`` for paging in its new buffers.
+    work, ``m * micro_batch_s`` fixed work per micro-batch and ``touch_share`` of the run's
+    first touch ``T * K * H * first_touch_s``: a fresh process faults its working set in
+    during its first pass (measured: 4 700 to 9 000 faults of about 2 us each at the
+    validation shapes); the faults follow the heap's growth over the first layers, so
+    :func:`forward_time` spreads the cost evenly over the pass's MoE layers.
     """
     flops = (traffic.compute_pairs * expert_flops_per_pair(meta)
              + tokens_per_gpu * 2 * meta.hidden_size * meta.num_experts)
@@ -385,18 +390,19 @@ def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu:
                               micro_batches * experts_per_gpu)
             + tokens_per_gpu * meta.hidden_size * hw.token_elem_s
             + micro_batches * hw.micro_batch_s
-            + (tokens_per_gpu * meta.top_k * meta.hidden_size * hw.first_touch_s if first else 0.0))
+            + touch_share * tokens_per_gpu * meta.top_k * meta.hidden_size * hw.first_touch_s)
 
 
 def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
                micro_batches: int, wire_bytes: int, layer: int,
-               experts_per_gpu: int = 1, first: bool = False) -> LayerTimes:
+               experts_per_gpu: int = 1, touch_share: float = 0.0) -> LayerTimes:
     """Predicted times of MoE layer ``layer`` cut into ``micro_batches``.
 
     ``blocking_s`` is the m = 1 layer.  The CPU terms of :func:`moe_compute` depend on m, so
     ``compute_s`` is at ``micro_batches`` and ``blocking_s`` recomputes it at m = 1."""
-    compute = moe_compute(meta, hw, traffic, tokens_per_gpu, micro_batches, experts_per_gpu, first)
-    compute1 = moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, first)
+    compute = moe_compute(meta, hw, traffic, tokens_per_gpu, micro_batches, experts_per_gpu,
+                          touch_share)
+    compute1 = moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, touch_share)
     intra, inter = moe_exchange(meta, hw, traffic, wire_bytes)
     dispatch = max(intra, inter)                        # links run concurrently: the slower one
     m = micro_batches
@@ -501,15 +507,16 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
                                  layout.tp, hw.gpus_per_node, hw.link)
     per_layer = {l: (traffic or {}).get(l, uniform) for l in meta.moe_layers}
     epg = experts_per_gpu(meta.num_experts, layout.ep)
+    share = 1.0 / max(len(per_layer), 1)        # of the first touch, per MoE layer
     m = layout.micro_batches
     if m == 0:
         cap = min(max_micro_batches, T)
-        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, i == 0).overlapped_s
-                    for i, (l, t) in enumerate(per_layer.items())) for k in range(1, cap + 1)]
+        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, share).overlapped_s
+                    for l, t in per_layer.items()) for k in range(1, cap + 1)]
         m = 1 + int(np.argmin(np.round(sums, 15)))
     layers = [dense_layer_time(meta, hw, T, l, m) for l in range(meta.num_dense_layers)]
-    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, i == 0)
-               for i, (l, t) in enumerate(per_layer.items())]
+    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, share)
+               for l, t in per_layer.items()]
     skew = max((t.skew for t in per_layer.values()), default=1.0)
     weight_bytes = 4 if layout.precision == "fp32" else meta.weight_bytes
     mem = memory_per_gpu(meta, layout.ep, layout.tp, T, m, layout.wire_bytes, weight_bytes, skew)

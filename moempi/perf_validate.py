@@ -5,9 +5,9 @@ in the rates) adds to a calibration file, per rank count: the Alltoallv latency 
 bandwidth, the weight-streaming rate W (a least-squares fit of ``t(n) = n*4*H*F/R +
 2*H*F*4/W`` over row counts and shapes of the bare expert MLP), and, fitted on blocking
 runs of the real runner (``pipeline.run_batch``) at a calibration shape that is neither
-validation shape (:func:`measure_runner`, medians of repeats): the runner's expert rate R,
-the per-token and per-micro-batch cost of a MoE layer's non-GEMM work, and the first MoE
-layer's extra (buffers paged in).
+validation shape (:func:`runner_samples`, :func:`fit_runner`, medians of repeats): the
+runner's expert rate R, the per-token and per-micro-batch cost of a MoE layer's non-GEMM
+work, and what a fresh process's first pass adds (its working set paged in).
 
 ``predict_run`` reads a run's output file and asks :func:`perf.forward_time` for the same
 configuration: ranks, tokens per rank, micro-batches, precision, overlap, model shape, and
@@ -97,69 +97,80 @@ RUNNER_MICRO_BATCHES = (1, 4)    # blocking runs at these micro-batch counts fit
 RUNNER_REPEATS = 3               # medians over these repeats
 
 
-def measure_runner(comm, weight_Bps: float, latency_s: float, bandwidth_Bps: float,
-                   shape=RUNNER_SHAPE, tokens: int = RUNNER_TOKENS, layers: int = RUNNER_LAYERS,
-                   micro_batches=RUNNER_MICRO_BATCHES, repeats: int = RUNNER_REPEATS,
-                   precision: str = "fp32") -> tuple[float, float, float, float]:
-    """(gemm_flops, token_elem_s, micro_batch_s, first_touch_s) fitted on runs of the real
-    runner (``pipeline.run_batch`` through ``bench.synthetic``/``bench.forward``, blocking
-    exchanges) at a calibration shape that is neither validation shape.
-
-    * ``gemm_flops``: the runner's own expert rate as the model uses it, ``sum(max rows *
-      4HF) / sum(slowest rank's expert_s - calls * weight stream)`` over layers and runs
-      (gathered rows, chunking, polls and ranks sharing cores included).
-    * With that rate the model's compute (max-loaded rank's rows) + exchange + latency of
-      each layer is subtracted from the measured layer (max over ranks of busy + wait); the
-      remainder of the non-first layers is fitted as ``T*H*token_elem_s + m*micro_batch_s``
-      from the m = 1 and m = 4 medians (gate, packing copies, un-permute, weighted sum, rank
-      skew beyond the rows, Python and plan building per micro-batch), and what the first
-      MoE layer adds beyond the others, per ``T*K*H``, is ``first_touch_s``.
-    """
+def runner_samples(comm, shape=RUNNER_SHAPE, tokens: int = RUNNER_TOKENS,
+                   layers: int = RUNNER_LAYERS, micro_batches=RUNNER_MICRO_BATCHES,
+                   repeats: int = RUNNER_REPEATS, precision: str = "fp32") -> dict:
+    """Blocking runs of the real runner (``pipeline.run_batch`` through ``bench.synthetic`` /
+    ``bench.forward``) at the calibration shape: first one cold pass (call this first in a
+    fresh process: it pages in its working set as a ``moempi run`` does), then ``repeats``
+    warm passes at each micro-batch count.  Per pass: the measured layers (max over ranks of
+    busy + wait), the rows each rank sent to each rank, the max rows computed per layer and
+    the slowest rank's expert time per layer; :func:`fit_runner` fits them."""
     from .bench import Shape, forward, synthetic
     hidden, ffn = shape
+
+    def sample(m):
+        _, tel, _ = forward(comm, weights, placement, x.copy(), m, False, precision)
+        return {"m": m,
+                "measured": np.max(comm.allgather(tel.seconds["busy"] + tel.seconds["wait"]), axis=0),
+                "traffic": np.array(comm.allgather(tel.traffic)),            # [P, L, P] rows
+                "rows": np.max(comm.allgather(tel.rows_computed.astype(float)), axis=0),
+                "expert": np.max(comm.allgather(tel.seconds["expert"]), axis=0)}
+
     weights, placement, x = synthetic(comm, Shape("calibration", hidden, ffn, tokens, layers))
-    meta = weights.meta
-    forward(comm, weights, placement, x.copy(), 1, False, precision)              # warm-up
+    cold = sample(1)
+    warm = [sample(m) for _ in range(repeats) for m in micro_batches]
+    return {"meta": weights.meta, "tokens": tokens, "precision": precision, "cold": cold,
+            "warm": warm}
+
+
+def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
+               bandwidth_Bps: float) -> tuple[float, float, float, float]:
+    """(gemm_flops, token_elem_s, micro_batch_s, first_touch_s) from :func:`runner_samples`.
+
+    * ``gemm_flops``: the runner's own expert rate as the model uses it, ``sum(max rows *
+      4HF) / sum(slowest rank's expert_s - calls * weight stream)`` over layers and warm runs
+      (gathered rows, chunking, polls and ranks sharing cores included).
+    * With that rate the model's compute (max-loaded rank's rows) + exchange + latency of
+      each layer is subtracted from the measured layer; the remainder of the warm runs'
+      non-first layers is fitted as ``T*H*token_elem_s + m*micro_batch_s`` from the m = 1
+      and m = 4 medians (gate, packing copies, un-permute, weighted sum, rank skew beyond
+      the rows, Python and plan building per micro-batch).
+    * ``first_touch_s``: what the cold pass takes beyond that model, over all its layers,
+      per ``T*K*H`` (the run's pair buffers, the largest it pages in): a fresh process's
+      first pass faults its whole working set in, one page fault per 4 KiB (about 2 us on
+      the VM this was measured on, :mod:`moempi.heap`); the model charges it to the first
+      MoE layer, where most of it falls.
+    """
+    meta, tokens = runs["meta"], runs["tokens"]
+    hidden, ffn, layers = meta.hidden_size, meta.moe_ffn_size, meta.num_layers
     per_call = 2 * hidden * ffn * 4 / weight_Bps if weight_Bps else 0.0
-    samples = {m: [] for m in micro_batches}       # m -> [(measured [L], rows [L], traffic)]
-    work = spent = 0.0
-    for _ in range(repeats):
-        for m in micro_batches:
-            _, tel, _ = forward(comm, weights, placement, x.copy(), m, False, precision)
-            overall = tel.seconds["busy"] + tel.seconds["wait"]
-            meas = np.max(comm.allgather(overall), axis=0)
-            traffic = np.array(comm.allgather(tel.traffic))            # [P, L, P] sent rows
-            samples[m].append((meas, traffic))
-            # the model times a layer's experts as the max-loaded rank's rows at one rate: fit
-            # the rate the same way, max rows over the slowest rank's expert time per layer
-            # (with more ranks than cores the slowest is not always the most loaded one)
-            rows = np.max(comm.allgather(tel.rows_computed.astype(float)), axis=0)
-            expert = np.max(comm.allgather(tel.seconds["expert"]), axis=0)
-            work += float(rows.sum()) * 4 * hidden * ffn
-            spent += float(expert.sum()) - per_call * m * layers
+    work = sum(float(s["rows"].sum()) * 4 * hidden * ffn for s in runs["warm"])
+    spent = sum(float(s["expert"].sum()) - per_call * s["m"] * layers for s in runs["warm"])
     flops = work / max(spent, 1e-9)
     hw = Hardware(gemm_flops=flops, latency_s=latency_s, intra_Bps=bandwidth_Bps,
                   inter_Bps=bandwidth_Bps, link="measured", gpus_per_node=comm.size,
                   memory_bytes=0.0, weight_Bps=weight_Bps)
-    wire = 2 if precision == "bf16" else 4
-    rest, first = {}, []
-    for m, runs in samples.items():
-        per_run = []
-        for meas, traffic in runs:
-            resid = []
-            for l in range(layers):
-                t = traffic_from_pairs(traffic[:, l, :].astype(float), 1, comm.size, "measured")
-                lt = layer_time(meta, hw, t, tokens, m, wire, l)
-                resid.append(meas[l] - serial_time(lt))
-            per_run.append(np.mean(resid[1:]))
-            first.append(resid[0] - np.mean(resid[1:]))
-        rest[m] = float(np.median(per_run))
+    wire = 2 if runs["precision"] == "bf16" else 4
+
+    def residuals(s):
+        """Measured minus the model without the fitted terms, per layer."""
+        out = []
+        for l in range(layers):
+            t = traffic_from_pairs(s["traffic"][:, l, :].astype(float), 1, comm.size, "measured")
+            out.append(s["measured"][l] - serial_time(layer_time(meta, hw, t, tokens, s["m"], wire, l)))
+        return np.array(out)
+
+    rest = {}
+    for m in sorted({s["m"] for s in runs["warm"]}):
+        rest[m] = float(np.median([residuals(s)[1:].mean() for s in runs["warm"] if s["m"] == m]))
     m1, m2 = min(rest), max(rest)
     micro_batch_s = max((rest[m2] - rest[m1]) / (m2 - m1), 0.0) if m2 > m1 else 0.0
     token_elem_s = max((rest[m1] - m1 * micro_batch_s) / (tokens * hidden), 0.0)
-    # the first layer's extra: each micro-batch's exchanger pages in its own buffers, so the
-    # extra is per T*K*H of the whole batch (the m = 4 buffers are 1/4 the size, 4 of them)
-    first_touch_s = max(float(np.median(first)) / (tokens * meta.top_k * hidden), 0.0)
+    cold = runs["cold"]
+    excess = float(residuals(cold).sum()) - layers * (tokens * hidden * token_elem_s
+                                                      + cold["m"] * micro_batch_s)
+    first_touch_s = max(excess / (tokens * meta.top_k * hidden), 0.0)
     return float(flops), float(token_elem_s), float(micro_batch_s), float(first_touch_s)
 
 
@@ -174,10 +185,11 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False) -> Calibrati
     and overheads), so calibrating several times spread over a busy machine's time converges
     to what the machine does when it is ours.  Returns the merged calibration."""
     from .dispatch import probe_network
+    runs = runner_samples(comm)          # first: its cold pass needs a fresh process
     latency, bandwidth = probe_network(comm, 1024, 4, rows=64)
     _, weight_Bps = measure_gemm(comm)
-    flops, token_elem_s, micro_batch_s, first_touch_s = measure_runner(
-        comm, weight_Bps, latency, bandwidth)
+    flops, token_elem_s, micro_batch_s, first_touch_s = fit_runner(
+        comm, runs, weight_Bps, latency, bandwidth)
     cal = None
     if comm.rank == 0:
         alltoall, cpu = {}, {}
@@ -341,6 +353,9 @@ def main(argv=None) -> None:
                         help="keep the better of the file's and the new figures at this rank count")
     args = parser.parse_args(argv)
     from mpi4py import MPI
+
+    from .heap import keep_freed_memory
+    keep_freed_memory()              # as `moempi run` does
     echo = print if MPI.COMM_WORLD.rank == 0 else (lambda *a: None)
     calibrate(MPI.COMM_WORLD, args.calibration, echo, args.keep_best)
 

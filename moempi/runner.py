@@ -20,6 +20,7 @@ from .config import Config
 from .dispatch import Exchanger, probe_exchange_step, probe_network
 from .errors import MoempiError
 from .experts import mlp, rmsnorm
+from .heap import keep_freed_memory
 from .model import load_weights
 from .pipeline import TIMINGS, Context, Scheduler, Telemetry, run_batch
 from .placement import Placement
@@ -145,6 +146,7 @@ def _timed(fn) -> float:
 def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     """The whole job on every rank; returns the output path.  Raises CollectiveError on bad input."""
     started = time.perf_counter()
+    keep_freed_memory()            # reuse freed temporaries instead of faulting them in again
     cfg = parallel.root_call(world, cfg.validate)
     layout = parallel.agree(world, parallel.make_layout, world, cfg.parallel.ep,
                             cfg.parallel.tp, cfg.parallel.dp)

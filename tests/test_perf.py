@@ -1,5 +1,6 @@
 """Serial tests of the performance and memory model (perf, memory) and `moempi plan`."""
 
+import dataclasses
 import json
 
 import h5py
@@ -250,3 +251,29 @@ def test_fixed_cost_per_micro_batch_lowers_the_count():
     costly = best_micro_batches(compute_s=0.1, exchange_s=0.05, latency_s=0.0, overhead_s=0.005)
     assert free == 16 and 1 < costly < free
     assert best_micro_batches(compute_s=0.1, exchange_s=0.001, latency_s=0.0, overhead_s=0.01) == 1
+
+
+def test_first_touch_paid_once_per_pass_over_the_moe_layers():
+    """A fresh process's first touch: T*K*H*first_touch_s in all, spread evenly over the MoE
+    layers, the same total whatever the layer count; none of it in a dense layer."""
+    meta = PRESETS["small"].replace(num_layers=7, num_dense_layers=1)
+    cold = Hardware(gemm_flops=1e11, latency_s=1e-5, intra_Bps=5e9, inter_Bps=5e9,
+                    link="measured", gpus_per_node=2, memory_bytes=1e12, first_touch_s=2e-8)
+    warm = dataclasses.replace(cold, first_touch_s=0.0)
+    layout = Layout(ep=2, tokens_per_gpu=512, micro_batches=2)
+    extra = [c.overlapped_s - w.overlapped_s for c, w in
+             zip(forward_time(meta, cold, layout).layers, forward_time(meta, warm, layout).layers)]
+    total = 512 * meta.top_k * meta.hidden_size * 2e-8
+    assert extra[0] == 0.0                                   # the dense layer
+    assert extra[1:] == pytest.approx([total / 6] * 6)
+    deeper = meta.replace(num_layers=13)
+    fc_c, fc_w = forward_time(deeper, cold, layout), forward_time(deeper, warm, layout)
+    assert fc_c.forward_s - fc_w.forward_s == pytest.approx(total)
+
+
+def test_keep_freed_memory_on_glibc():
+    import platform
+    from moempi.heap import keep_freed_memory
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds are glibc's")
+    assert keep_freed_memory()
