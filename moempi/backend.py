@@ -194,6 +194,10 @@ class DeviceBackend(HostBackend):
             dev = buf
         else:
             dev = cp.empty(buf.shape, dtype=buf.dtype)
+            # dev's block comes from the compute stream's pool: kernels queued there before
+            # (another micro-batch's, on a block it has freed) may still use it, so the copy
+            # waits for them; the compute stream then waits for the copy
+            self.copy.wait_event(self.compute.record())
             with self.copy:
                 dev.set(buf, stream=self.copy)
             self.compute.wait_event(self.copy.record())
@@ -271,8 +275,15 @@ def make_backend(name: str, comm, cuda_aware: str = "auto"):
         raise MoempiError(f"backend {name}: no GPU visible (CUDA_VISIBLE_DEVICES="
                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     aware = {"yes": True, "no": False}.get(cuda_aware)
+    library = mpi_cuda_aware() if name == "cupy" else None
     if aware is None:
-        aware = bool(mpi_cuda_aware()) if name == "cupy" else False
+        aware = bool(library)
+    elif aware and library is False:
+        # a device pointer handed to an MPI library that takes host memory only crashes
+        # inside MPI (or silently reads garbage): refuse before any exchange
+        raise MoempiError("backend.cuda_aware=yes, but this MPI library reports no CUDA "
+                          "support (MPIX query): use cuda_aware=auto or no, or an MPI built "
+                          "with CUDA")
     return DeviceBackend(cp, local_rank % count, aware, name)
 
 

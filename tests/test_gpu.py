@@ -39,6 +39,12 @@ def backend(request):
     return request.param
 
 
+def use(backend) -> list:
+    """``--set`` arguments that select ``backend`` (CuPy is refused unless asked for explicitly)."""
+    return ["--set", f"backend.name={backend}",
+            *(["--set", "backend.unverified_gpu=true"] if backend == "cupy" else [])]
+
+
 def hidden(path):
     with h5py.File(path, "r") as f:
         return f["hidden"][()]
@@ -51,12 +57,32 @@ def test_gpu_path_matches_reference(files, tmp_path, backend, n):
     outs = {}
     for aware in ("no", "yes"):
         out = tmp_path / f"{aware}.h5"
-        mpirun(n, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "-o", out,
-               "--set", f"backend.name={backend}", "--set", f"backend.cuda_aware={aware}",
-               "--micro-batches", "2")
+        args = ["run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "-o", out,
+                *use(backend), "--set", f"backend.cuda_aware={aware}",
+                "--micro-batches", "2"]
+        takes = mpi_takes_device_buffers(backend) if aware == "yes" else "yes"
+        if takes == "unknown":
+            return                                # the library cannot say: nothing to check
+        if takes == "no":
+            # device buffers into an MPI without CUDA support: refused, not crashed
+            proc = mpirun(n, *args, check=False)
+            assert proc.returncode != 0 and "reports no CUDA support" in proc.stderr
+            assert not out.exists()
+            return
+        mpirun(n, *args)
         outs[aware] = hidden(out)
         assert rel_l2(outs[aware], ref) <= 1e-4
     assert rel_l2(outs["yes"], outs["no"]) <= 1e-6
+
+
+def mpi_takes_device_buffers(backend) -> str:
+    """yes, no or unknown.  The stand-in's "device" buffers are host memory: any MPI takes
+    them.  For CuPy, ask the MPI library, as `moempi info` does."""
+    if backend == "standin":
+        return "yes"
+    proc = mpirun(1, "info", "--backend", backend)
+    line = next(l for l in proc.stdout.splitlines() if l.strip().startswith("cuda-aware:"))
+    return line.split(":", 1)[1].split()[0]
 
 
 def test_blocking_with_micro_batches_enters_collectives_in_order(files, tmp_path, backend):
@@ -64,7 +90,7 @@ def test_blocking_with_micro_batches_enters_collectives_in_order(files, tmp_path
     ref = reference(files / "e4.h5", files / "tok.h5")
     out = tmp_path / "b.h5"
     mpirun(2, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "-o", out,
-           "--set", f"backend.name={backend}", "--no-overlap", "--micro-batches", "3",
+           *use(backend), "--no-overlap", "--micro-batches", "3",
            timeout=60)
     assert rel_l2(hidden(out), ref) <= 1e-4
 
@@ -88,7 +114,7 @@ def test_gpu_bf16_bound(files, tmp_path, backend):
     ref = reference(files / "e4.h5", files / "tok.h5")
     out = tmp_path / "bf16.h5"
     mpirun(2, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "-o", out,
-           "--set", f"backend.name={backend}", "--precision", "bf16")
+           *use(backend), "--precision", "bf16")
     assert 1e-5 < rel_l2(hidden(out), ref) <= 3e-2
 
 
@@ -125,3 +151,24 @@ def test_gpu_bench_table(backend):
     proc = mpirun(2, "bench", "gpu", "--backend", backend, *(["--quick"] if backend == "standin" else []),
                   timeout=300)
     assert "expert MLP" in proc.stdout and "overlap" in proc.stdout and "forward" in proc.stdout
+
+
+def test_standin_refuses_a_copy_that_races_the_compute_stream():
+    """CuPy reuses a freed block for the next allocation on the same stream, while kernels
+    queued there may still use it: a copy on another stream must wait for that stream first."""
+    from moempi import cupy_standin as cp
+    compute, copy = cp.cuda.Stream(), cp.cuda.Stream()
+    with compute:
+        dev = cp.empty((2, 3), dtype=np.float32)
+    host = np.ones((2, 3), np.float32)
+    with pytest.raises(cp.StreamOrderError):
+        dev.set(host, stream=copy)
+    with pytest.raises(cp.StreamOrderError):
+        dev[1:].get(stream=copy)                       # a view carries its array's stream
+    copy.wait_event(compute.record())
+    dev.set(host, stream=copy)
+    assert dev.get(stream=copy).tolist() == host.tolist()
+    with compute:
+        later = cp.empty((2, 3), dtype=np.float32)     # allocated after that wait: not covered
+    with pytest.raises(cp.StreamOrderError):
+        later.set(host, stream=copy)
