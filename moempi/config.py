@@ -60,6 +60,7 @@ class BalanceSection:
 class BackendSection:
     name: str = "numpy"              # "numpy" (CPU), "cupy" (GPU), "standin" (CuPy code on numpy, for CI)
     cuda_aware: str = "auto"         # "auto" (ask the MPI library), "yes" or "no"
+    unverified_gpu: bool = False     # run "cupy" although it failed its checks on a real GPU
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,13 @@ class Config:
                               f"not {self.backend.name!r}")
         if self.backend.cuda_aware not in ("auto", "yes", "no"):
             raise MoempiError("config: backend.cuda_aware must be auto, yes or no")
+        if self.backend.name == "cupy" and not self.backend.unverified_gpu:
+            # the CuPy backend gave wrong hidden states on an H100 (README, "GPU status"):
+            # a run must not hand users wrong results without their asking for it
+            raise MoempiError("config: backend cupy is not yet correct on a real GPU (its "
+                              "exchange returned rows to the wrong tokens on an H100; README, "
+                              "'GPU status'): use backend.name=numpy, or set "
+                              "backend.unverified_gpu=true to run it anyway (to debug it)")
         return self
 
 

@@ -129,6 +129,12 @@ def test_unknown_config_key(files, tmp_path):
     expect_failure(tmp_path, 2, [cfg], "unknown key pipeline.micro_batch")
 
 
+def test_cupy_backend_refused_until_verified(files, tmp_path):
+    """It gave wrong results on a real GPU: refused unless asked for (before any GPU is used)."""
+    expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                                 "--set", "backend.name=cupy"], "backend cupy is not yet correct")
+
+
 def test_bad_set_value(files, tmp_path):
     expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
                                  "--set", "pipeline.micro_batches=many"],
