@@ -144,8 +144,9 @@ def exchange(c: Check, backend: str, quick: bool) -> None:
     for line in (proc.stdout.splitlines() if proc else []):
         c.row("exchange", "device-to-host copies, 2 ranks", line)
     script = HERE / "mpi_dispatch.py"
-    for n, name in [(1, backend), (2, backend), (4, backend), (2, backend + "-pageable"),
-                    (2, backend + "-onestream"), (2, backend + "-syncupload")]:
+    variants = ["pageable", "onestream", "syncupload", "pinnedstaging", "nothp"]
+    for n, name in [(1, backend), (2, backend), (4, backend),
+                    *((2, f"{backend}-{v}") for v in variants)]:
         proc = c.run([MPIEXEC, "-n", n, sys.executable, script, name, hidden, tokens], 60)
         ok = proc is not None and proc.returncode == 0
         why = "" if ok or proc is None else \
