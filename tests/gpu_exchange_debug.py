@@ -39,10 +39,27 @@ def d2h(comm, name):
         bad["asnumpy"] += int((cp.asnumpy(b, stream=dev.compute) != i + 1000 * comm.rank).any())
         dev.compute.synchronize()
         bad["to_host"] += int((dev.to_host(b) != i + 1000 * comm.rank).any())
+    # small copies into reused host memory (numpy's heap hands back the same blocks), and
+    # uploads from one pinned buffer rewritten by the CPU before each copy: stale data here
+    # would mean the copies and the CPU's caches disagree
+    small = {"d2h": 0, "h2d": 0}
+    pinned = np.frombuffer(cp.cuda.alloc_pinned_memory(1 << 22), np.int32)
+    for i in range(200):
+        with dev.compute:
+            a = cp.full((4096,), i, dtype=cp.int32)
+        small["d2h"] += int((cp.asnumpy(a, stream=dev.compute) != i).any())
+        pinned[:] = i
+        with dev.compute:
+            d = cp.empty(pinned.shape, dtype=cp.int32)
+            d.set(pinned, stream=dev.compute)
+            wrong = cp.count_nonzero(d != i)
+        small["h2d"] += int(cp.asnumpy(wrong, stream=dev.compute)) > 0
     ump = os.environ.get("CUPY_ENABLE_UMP")
     lines = comm.gather(f"rank {comm.rank} d2h, 60 copies of 12 MB: wrong after asnumpy "
-                        f"{bad['asnumpy']}, after to_host {bad['to_host']} (CUPY_ENABLE_UMP={ump})",
-                        root=0)
+                        f"{bad['asnumpy']}, after to_host {bad['to_host']}; 200 copies of 16 KB "
+                        f"into reused host memory: wrong {small['d2h']}; 200 uploads of a "
+                        f"rewritten 4 MB pinned buffer: wrong {small['h2d']} "
+                        f"(CUPY_ENABLE_UMP={ump})", root=0)
     for line in lines or []:
         print(line)
 
