@@ -1,10 +1,13 @@
-"""Diagnosis under mpiexec: the device exchange step by step against the host backend.
+"""Diagnosis under mpiexec, for a GPU machine: where the device exchange goes wrong.
 
     mpiexec -n 2 python tests/gpu_exchange_debug.py cupy [HIDDEN] [TOKENS]
+    mpiexec -n 2 python tests/gpu_exchange_debug.py cupy d2h
 
-Prints, per rank and round, the first stage whose result differs from the host path:
-plan, pack (send buffer), mpi (receive buffer), unpack, combine pack, combine mpi,
-combine unpack, unpermute.
+The first form prints, per rank and round, the first step of the device exchange whose
+result differs from the host backend's (plan, pack, mpi, unpack, combine, unpermute), after
+checks of plain transfers into views of a staging buffer and of the experts' chunked
+compute.  The second counts wrong host<->device copies of several kinds while the other
+ranks use the GPU too.  The stand-in (``standin``) runs both without a GPU.
 """
 
 import sys
