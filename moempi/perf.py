@@ -29,6 +29,9 @@ WIRE_BYTES = {"bf16": 2, "fp32": 4}   # DESIGN §1: BF16 on the wire (production
 COMPUTE_WEIGHT_BYTES = 4
 
 CALIBRATION_FORMAT = "moempi-calibration"
+# one calibration process's figures at one rank count (Calibration.samples)
+SAMPLE_FIELDS = ("latency_s", "bandwidth_Bps", "gemm_flops", "weight_Bps", "token_elem_s",
+                 "micro_batch_s", "first_touch_s")
 CALIBRATION_VERSION = 1
 
 
@@ -78,6 +81,11 @@ class Calibration:
     weight_Bps, token_elem_s, micro_batch_s, first_touch_s)`` rows measured with all ranks computing at once
     (so more ranks than cores shows up as a lower rate); where present it replaces
     ``gemm_flops`` and adds the small-scale terms of :class:`Hardware`.
+    ``samples`` holds ``(num_ranks, ((latency_s, bandwidth_Bps, gemm_flops, weight_Bps,
+    token_elem_s, micro_batch_s, first_touch_s), ...))``: one row per calibration process
+    at that rank count; where there are several, the ``alltoall`` and ``cpu`` rows are
+    their per-figure medians (:data:`SAMPLE_FIELDS`; one process alone can be disturbed, and
+    its single cold pass is a noisy sample of ``first_touch_s``).
     """
 
     machine: str
@@ -85,18 +93,24 @@ class Calibration:
     gemm_dtype: str
     alltoall: tuple[tuple[int, float, float], ...]
     cpu: tuple[tuple[int, float, float, float, float, float], ...] = ()
+    samples: tuple[tuple[int, tuple[tuple[float, ...], ...]], ...] = ()
 
     @classmethod
     def from_measurements(cls, gemm_flops: float, alltoall: dict[int, tuple[float, float]],
                           machine: str, gemm_dtype: str = "float32",
-                          cpu: dict[int, tuple] | None = None) -> "Calibration":
+                          cpu: dict[int, tuple] | None = None,
+                          samples: dict[int, list] | None = None) -> "Calibration":
         """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``; ``cpu``
         a rank count to ``(gemm_flops, weight_Bps, token_elem_s, micro_batch_s[,
-        first_touch_s])`` (first_touch_s 0 when left out)."""
+        first_touch_s])`` (first_touch_s 0 when left out); ``samples`` a rank count to its
+        calibration processes' rows of :data:`SAMPLE_FIELDS` (kept as given)."""
         rows = tuple(sorted((int(n), float(lat), float(bw)) for n, (lat, bw) in alltoall.items()))
         cpu_rows = tuple(sorted((int(n), *map(float, (tuple(v) + (0.0,))[:5]))
                                 for n, v in (cpu or {}).items()))
-        return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows).validate()
+        sample_rows = tuple(sorted((int(n), tuple(tuple(map(float, r)) for r in v))
+                                   for n, v in (samples or {}).items() if len(v)))
+        return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows,
+                   sample_rows).validate()
 
     def validate(self, source: str = "calibration") -> "Calibration":
         if not self.gemm_flops > 0:
@@ -111,6 +125,10 @@ class Calibration:
             if n < 1 or not flops > 0 or min(wbps, tok, mb, ft) < 0:
                 raise MoempiError(f"{source}: cpu[{n}] needs ranks >= 1, gemm_flops > 0, "
                                   f"weight_Bps, token_elem_s, micro_batch_s, first_touch_s >= 0")
+        for n, rows in self.samples:
+            if any(len(r) != len(SAMPLE_FIELDS) or min(r) < 0 for r in rows):
+                raise MoempiError(f"{source}: samples[{n}] needs rows of "
+                                  f"{', '.join(SAMPLE_FIELDS)} >= 0")
         return self
 
     def alltoall_at(self, num_ranks: int) -> tuple[float, float]:
@@ -150,7 +168,10 @@ class Calibration:
                 **({"cpu": {str(n): {"gemm_flops": f, "weight_Bps": w, "token_elem_s": t,
                                      "micro_batch_s": m, "first_touch_s": ft}
                             for n, f, w, t, m, ft in self.cpu}}
-                   if self.cpu else {})}
+                   if self.cpu else {}),
+                **({"samples": {str(n): [dict(zip(SAMPLE_FIELDS, r)) for r in rows]
+                                for n, rows in self.samples}}
+                   if self.samples else {})}
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -172,10 +193,12 @@ class Calibration:
                             float(v["token_elem_s"]), float(v["micro_batch_s"]),
                             float(v.get("first_touch_s", 0.0)))
                    for n, v in data.get("cpu", {}).items()}
+            samples = {int(n): [tuple(float(r[k]) for k in SAMPLE_FIELDS) for r in v]
+                       for n, v in data.get("samples", {}).items()}
             return cls.from_measurements(float(data["gemm_flops"]), alltoall,
                                          str(data.get("machine", "")),
                                          str(data.get("gemm_dtype", "float32")),
-                                         cpu).validate(path)
+                                         cpu, samples).validate(path)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MoempiError(f"{path}: needs gemm_flops and alltoall "
                               "{ranks: {latency_s, bandwidth_Bps}}") from None

@@ -7,7 +7,9 @@ bandwidth, the weight-streaming rate W (a least-squares fit of ``t(n) = n*4*H*F/
 runs of the real runner (``pipeline.run_batch``) at a calibration shape that is neither
 validation shape (:func:`runner_samples`, :func:`fit_runner`, medians of repeats): the
 runner's expert rate R, the per-token and per-micro-batch cost of a MoE layer's non-GEMM
-work, and what a fresh process's first pass adds (its working set paged in).
+work, and what a fresh process's first pass adds (its working set paged in: one cold pass,
+one sample, per fresh process).  ``--add`` keeps the rank count's earlier calibration
+processes and uses the median of each figure over them.
 
 ``predict_run`` reads a run's output file and asks :func:`perf.forward_time` for the same
 configuration: ranks, tokens per rank, micro-batches, precision, overlap, model shape, and
@@ -17,12 +19,14 @@ rows computed per rank is the measured one).  Measured per-layer time: the slowe
 ``overlapped_s`` (overlap on) or its blocking time (overlap off).
 
     mpiexec -n 2 python -m moempi.perf_validate --calibration cal.json
-    mpiexec -n 4 python -m moempi.perf_validate --calibration cal.json
+    mpiexec -n 2 python -m moempi.perf_validate --calibration cal.json --add   # more: medians
+    mpiexec -n 4 python -m moempi.perf_validate --calibration cal.json   (and --add ...)
     moempi plan --hardware cal.json --validate out.h5
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -167,23 +171,45 @@ def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
     m1, m2 = min(rest), max(rest)
     micro_batch_s = max((rest[m2] - rest[m1]) / (m2 - m1), 0.0) if m2 > m1 else 0.0
     token_elem_s = max((rest[m1] - m1 * micro_batch_s) / (tokens * hidden), 0.0)
-    cold = runs["cold"]
-    excess = float(residuals(cold).sum()) - layers * (tokens * hidden * token_elem_s
-                                                      + cold["m"] * micro_batch_s)
-    first_touch_s = max(excess / (tokens * meta.top_k * hidden), 0.0)
+    hw = dataclasses.replace(hw, token_elem_s=token_elem_s, micro_batch_s=micro_batch_s)
+    first_touch_s = fit_first_touch(comm, runs, hw)
     return float(flops), float(token_elem_s), float(micro_batch_s), float(first_touch_s)
+
+
+def fit_first_touch(comm, runs: dict, hw: Hardware) -> float:
+    """``first_touch_s`` of one cold pass (``runs["cold"]`` of :func:`runner_samples`): what
+    it took beyond the warm model ``hw`` (GEMM rate, weight stream, ``token_elem_s``,
+    ``micro_batch_s``, exchange), over all its layers, per ``T*K*H``.  One cold pass is one
+    sample of a noisy quantity (on the VM this was measured on, about one in six came out
+    twice the others): :func:`calibrate` with ``add`` uses the median over processes."""
+    meta, tokens, cold = runs["meta"], runs["tokens"], runs["cold"]
+    wire = 2 if runs["precision"] == "bf16" else 4
+    excess = 0.0
+    for l in range(meta.num_layers):
+        t = traffic_from_pairs(cold["traffic"][:, l, :].astype(float), 1, comm.size, "measured")
+        excess += cold["measured"][l] - serial_time(layer_time(meta, hw, t, tokens, cold["m"],
+                                                               wire, l))
+    return max(float(excess) / (tokens * meta.top_k * meta.hidden_size), 0.0)
 
 
 def _best(old: tuple, new: tuple, higher_is_better: tuple) -> tuple:
     return tuple(max(o, n) if hi else min(o, n) for o, n, hi in zip(old, new, higher_is_better))
 
 
-def calibrate(comm, path: str, echo=print, keep_best: bool = False) -> Calibration:
+def calibrate(comm, path: str, echo=print, keep_best: bool = False,
+              add: bool = False) -> Calibration:
     """Measure this machine at ``comm.size`` ranks and add the figures to ``path`` (kept:
-    the other rank counts already there).  ``keep_best``: where ``path`` already has this
-    rank count, keep the better of old and new for each figure (higher rates, lower latency
-    and overheads), so calibrating several times spread over a busy machine's time converges
-    to what the machine does when it is ours.  Returns the merged calibration."""
+    the other rank counts already there).
+
+    ``add``: keep this rank count's earlier samples (one per calibration process) and use the
+    per-figure median of all of them, this one included; ``make validate`` calibrates 5 times
+    per rank count, interleaved, so that one disturbed process, or one noisy cold pass (its
+    ``first_touch_s``: about 1 in 6 comes out twice the rest on the VM measured), does not
+    count.  Without it the rank count starts afresh from this process alone.  ``keep_best``:
+    where ``path`` already has this rank count, keep the better of old and new for each
+    figure (higher rates, lower latency and overheads), so calibrating several times spread
+    over a busy machine's time converges to what the machine does when it is ours.
+    Returns the merged calibration."""
     from .dispatch import probe_network
     runs = runner_samples(comm)          # first: its cold pass needs a fresh process
     latency, bandwidth = probe_network(comm, 1024, 4, rows=64)
@@ -192,29 +218,36 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False) -> Calibrati
         comm, runs, weight_Bps, latency, bandwidth)
     cal = None
     if comm.rank == 0:
-        alltoall, cpu = {}, {}
+        alltoall, cpu, samples = {}, {}, {}
         if os.path.exists(path):
             old = Calibration.load(path)
             alltoall = {n: (lat, bw) for n, lat, bw in old.alltoall}
             cpu = {row[0]: row[1:] for row in old.cpu}
-        new_a = (latency, bandwidth)
-        new_c = (flops, weight_Bps, token_elem_s, micro_batch_s, first_touch_s)
+            samples = {n: list(rows) for n, rows in old.samples}
+        sample = (latency, bandwidth, flops, weight_Bps, token_elem_s, micro_batch_s,
+                  first_touch_s)
+        samples[comm.size] = (samples.get(comm.size, []) if add else []) + [sample]
+        merged = tuple(float(v) for v in np.median(samples[comm.size], axis=0))
+        new_a, new_c = merged[:2], merged[2:]
         if keep_best and comm.size in alltoall:
             new_a = _best(alltoall[comm.size], new_a, (False, True))
         if keep_best and comm.size in cpu:
             new_c = _best(cpu[comm.size], new_c, (True, True, False, False, False))
         alltoall[comm.size], cpu[comm.size] = new_a, new_c
-        latency, bandwidth = new_a
-        flops, weight_Bps, token_elem_s, micro_batch_s, first_touch_s = new_c
         machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores"
         # gemm_flops (the field without cpu rows) = the rate at the fewest ranks measured
-        cal = Calibration.from_measurements(cpu[min(cpu)][0], alltoall, machine, cpu=cpu)
+        cal = Calibration.from_measurements(cpu[min(cpu)][0], alltoall, machine, cpu=cpu,
+                                            samples=samples)
         cal.save(path)
+        k = len(samples[comm.size])
         echo(f"calibration at {comm.size} ranks: GEMM {flops / 1e9:.1f} GFLOP/s per rank, "
              f"weight stream {weight_Bps / 1e9:.1f} GB/s, {token_elem_s * 1e9:.2f} ns per token "
-             f"per hidden element, {micro_batch_s * 1e6:.0f} us per micro-batch, first layer "
+             f"per hidden element, {micro_batch_s * 1e6:.0f} us per micro-batch, first pass "
              f"{first_touch_s * 1e9:.2f} ns per pair element, Alltoallv "
-             f"{latency * 1e6:.0f} us + {bandwidth / 1e9:.2f} GB/s -> {path}")
+             f"{latency * 1e6:.0f} us + {bandwidth / 1e9:.2f} GB/s"
+             + (f"; median of {k}: GEMM {new_c[0] / 1e9:.1f} GFLOP/s, {new_c[2] * 1e9:.2f} ns, "
+                f"{new_c[3] * 1e6:.0f} us, first pass {new_c[4] * 1e9:.2f} ns" if k > 1 else "")
+             + f" -> {path}")
     return comm.bcast(cal, root=0)
 
 
@@ -351,13 +384,16 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration", required=True)
     parser.add_argument("--keep-best", action="store_true",
                         help="keep the better of the file's and the new figures at this rank count")
+    parser.add_argument("--add", action="store_true",
+                        help="add to this rank count's earlier calibrations in the file and use "
+                             "the median of each figure (else start it afresh)")
     args = parser.parse_args(argv)
     from mpi4py import MPI
 
     from .heap import keep_freed_memory
     keep_freed_memory()              # as `moempi run` does
     echo = print if MPI.COMM_WORLD.rank == 0 else (lambda *a: None)
-    calibrate(MPI.COMM_WORLD, args.calibration, echo, args.keep_best)
+    calibrate(MPI.COMM_WORLD, args.calibration, echo, args.keep_best, args.add)
 
 
 if __name__ == "__main__":

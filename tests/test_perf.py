@@ -277,3 +277,20 @@ def test_keep_freed_memory_on_glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt thresholds are glibc's")
     assert keep_freed_memory()
+
+
+def test_calibration_samples_roundtrip(tmp_path):
+    """Each calibration process's figures travel with the file; a file without them (older
+    calibrations) still loads."""
+    rows = [(1e-5, 3e9, 8e10, 2e10, 1e-8, 1e-4, 2e-8), (2e-5, 2e9, 6e10, 1e10, 2e-8, 0.0, 4e-8)]
+    cal = Calibration.from_measurements(5e10, {2: (1e-5, 3e9)}, "vm",
+                                        cpu={2: (8e10, 2e10, 1e-8, 1e-4, 2e-8)},
+                                        samples={2: rows})
+    cal.save(str(tmp_path / "c.json"))
+    assert Calibration.load(str(tmp_path / "c.json")) == cal
+    assert dict(cal.samples)[2] == tuple(rows)
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["samples"]["2"][1]["first_touch_s"] == 4e-8
+    del data["samples"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert Calibration.load(str(tmp_path / "old.json")).samples == ()

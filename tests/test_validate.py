@@ -12,7 +12,10 @@ into the next layer without a barrier, so a rank's time moves between neighbouri
 
 Noise.  Each configuration runs ``REPEATS`` times (interleaved) and the median per layer
 counts; calibration (median of its own repeats of real-runner runs at a third shape, H 768,
-F 512) runs once per rank count, before the runs.  Nothing is fitted on the runs compared.
+F 512, and one cold first pass) runs before the runs, ``CALIBRATIONS`` times per rank count in
+fresh processes, interleaved over the rank counts, and each figure is the median over those
+processes (one disturbed process or one noisy cold pass does not count).  Nothing is fitted
+on the runs compared.
 The test can fail: ``test_wrong_hardware_is_caught`` shows a calibration with a 2x GEMM rate
 is rejected by the same check.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 # timing-sensitive: `make validate` runs it on an otherwise idle machine, `make test` does not
@@ -37,13 +41,15 @@ from moempi.topology import Topology
 SHAPES = {"h512-f1024": (512, 1024), "h1024-f256": (1024, 256)}
 RANKS = (2, 4)
 REPEATS = 3
+CALIBRATIONS = 5               # calibration processes per rank count, medians (2-3 s each)
 TOKENS = 1024                  # 512 / 256 tokens per rank: 20-60 ms per MoE layer here
 CONFIGS = [(p, s, ov) for p in RANKS for s in SHAPES for ov in (True, False)]
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    """Calibration at 2 and 4 ranks, then every configuration run REPEATS times."""
+    """Calibration at 2 and 4 ranks (medians of CALIBRATIONS processes each), then every
+    configuration run REPEATS times."""
     d = tmp_path_factory.mktemp("validate")
     cal = d / "cal.json"
     for name, (hidden, ffn) in SHAPES.items():
@@ -52,8 +58,10 @@ def measured(tmp_path_factory):
         moempi("make-tokens", d / f"{name}-tok.h5", "-n", TOKENS, "--model", d / f"{name}.h5",
                "--seed", 8)
     outputs = {c: [] for c in CONFIGS}
-    for p in RANKS:
-        mpirun(p, "-m", "moempi.perf_validate", "--calibration", cal, python=True)
+    for i in range(CALIBRATIONS):
+        for p in RANKS:
+            mpirun(p, "-m", "moempi.perf_validate", "--calibration", cal,
+                   *(["--add"] if i else []), python=True)
     for rep in range(REPEATS):
         for p, name, overlap in CONFIGS:
             out = d / f"{name}-{p}-{'ov' if overlap else 'block'}-{rep}.h5"
@@ -75,6 +83,14 @@ def test_prediction_within_25_percent(measured, ranks, shape, overlap):
     assert rows[1]["micro_batches"] == (4 if overlap else 1)
     assert s["mean_layer_error"] <= TOLERANCE, format_table(rows)
     assert abs(s["forward_error"]) <= TOLERANCE, format_table(rows)
+
+
+def test_calibration_is_the_median_of_its_processes(measured):
+    cal = measured[0]
+    samples = dict(cal.samples)
+    for (n, *cpu), (n_, *alltoall) in zip(cal.cpu, cal.alltoall):
+        assert n == n_ and len(samples[n]) == CALIBRATIONS
+        assert (*alltoall, *cpu) == pytest.approx(tuple(np.median(samples[n], axis=0)))
 
 
 def test_wrong_hardware_is_caught(measured):
