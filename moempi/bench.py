@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from .backend import HostBackend
 from .dispatch import Exchanger, drive, probe_network
-from .model import MoeLayer, Weights
+from .model import DenseLayer, MoeLayer, Weights
 from .pipeline import Context, Scheduler, Telemetry, run_batch
 from .placement import Placement, assign_replicas
 from .shapes import ModelMeta
@@ -30,18 +30,26 @@ class Shape:
     ffn: int
     tokens: int          # tokens per rank
     layers: int          # MoE layers
+    dense_ffn: int = 0   # > 0: one dense layer of MLP width Fd first (perf_validate's calibration)
 
 
 def synthetic(comm: MPI.Comm, shape: Shape, seed: int = 0):
-    """An in-memory MoE stack: one expert per rank per layer, random weights and tokens."""
+    """An in-memory MoE stack: one expert per rank per layer, random weights and tokens
+    (after one dense layer of width ``shape.dense_ffn`` when that is > 0)."""
     E, H, F = comm.size, shape.hidden, shape.ffn
-    meta = ModelMeta(hidden_size=H, moe_ffn_size=F, dense_ffn_size=1, num_layers=shape.layers,
-                     num_dense_layers=0, num_experts=max(E, 2), top_k=min(2, max(E, 2)),
-                     has_final_norm=False)
+    dense = 1 if shape.dense_ffn > 0 else 0
+    meta = ModelMeta(hidden_size=H, moe_ffn_size=F, dense_ffn_size=max(shape.dense_ffn, 1),
+                     num_layers=shape.layers + dense, num_dense_layers=dense,
+                     num_experts=max(E, 2), top_k=min(2, max(E, 2)), has_final_norm=False)
     placement = Placement.default(meta.num_experts, comm.size, meta.moe_layers)
     rng = np.random.default_rng([seed, comm.rank])
     shared = np.random.default_rng(seed)
     layers = []
+    if dense:
+        Fd = shape.dense_ffn
+        layers.append(DenseLayer(0, np.ones(H, np.float32),
+                                 (shared.standard_normal((H, Fd)) / H**0.5).astype(np.float32),
+                                 (shared.standard_normal((Fd, H)) / Fd**0.5).astype(np.float32)))
     for l in meta.moe_layers:
         gate = (shared.standard_normal((H, meta.num_experts)) / H**0.5).astype(np.float32)
         layer = MoeLayer(l, np.ones(H, np.float32), gate)
@@ -57,7 +65,8 @@ def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
             precision: str = "fp32") -> tuple[float, Telemetry, float]:
     """One timed pass through ``run_batch``; returns (seconds, telemetry, pure exchange s)."""
     meta = weights.meta
-    tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
+    moe = len(meta.moe_layers)
+    tel = Telemetry(meta.num_layers, moe, comm.size, meta.num_experts)
     bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
     ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HostBackend())
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
@@ -67,7 +76,7 @@ def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
         t = time.perf_counter()
         run_batch(ctx, exchangers, x, 0, 0)
         elapsed = time.perf_counter() - t
-        pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(meta.num_layers))
+        pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(moe))
     finally:
         for ex in exchangers:
             ex.close()

@@ -31,7 +31,8 @@ COMPUTE_WEIGHT_BYTES = 4
 CALIBRATION_FORMAT = "moempi-calibration"
 # one calibration process's figures at one rank count (Calibration.samples)
 SAMPLE_FIELDS = ("latency_s", "bandwidth_Bps", "gemm_flops", "weight_Bps", "token_elem_s",
-                 "micro_batch_s", "first_touch_s")
+                 "micro_batch_s", "first_touch_s", "dense_elem_s", "dense_touch_s")
+CPU_FIELDS = SAMPLE_FIELDS[2:]     # a Calibration.cpu row after its rank count
 CALIBRATION_VERSION = 1
 
 
@@ -58,6 +59,11 @@ class Hardware:
     first_touch_s: float = 0.0  # s per (token, expert) pair element a run's first forward pass
                                 # adds, once: a fresh process pages its working set in
                                 # (moempi.heap; spread over the MoE layers, see moe_compute)
+    dense_elem_s: float = 0.0  # s per token per (H + Fd) element of a dense layer's non-GEMM
+                               # work: rmsnorm and residual add over [T, H], activation over
+                               # [T, Fd] (see dense_layer_time)
+    dense_touch_s: float = 0.0  # s per token per (H + Fd) element the first dense layer of a
+                                # fresh process's first pass adds: its temporaries paged in
 
     @classmethod
     def from_topology(cls, topo: Topology, source: str = "topology") -> "Hardware":
@@ -78,11 +84,12 @@ class Calibration:
     ``alltoall`` holds ``(num_ranks, latency_s, bandwidth_Bps)`` rows sorted by rank count:
     the latency of an (almost) empty Alltoallv and the per-rank bandwidth of a large one.
     ``cpu`` (optional, from ``perf_validate.calibrate``) holds ``(num_ranks, gemm_flops,
-    weight_Bps, token_elem_s, micro_batch_s, first_touch_s)`` rows measured with all ranks computing at once
+    weight_Bps, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s)``
+    rows (:data:`CPU_FIELDS`) measured with all ranks computing at once
     (so more ranks than cores shows up as a lower rate); where present it replaces
     ``gemm_flops`` and adds the small-scale terms of :class:`Hardware`.
-    ``samples`` holds ``(num_ranks, ((latency_s, bandwidth_Bps, gemm_flops, weight_Bps,
-    token_elem_s, micro_batch_s, first_touch_s), ...))``: one row per calibration process
+    ``samples`` holds ``(num_ranks, ((latency_s, bandwidth_Bps, gemm_flops, ...), ...))``
+    (:data:`SAMPLE_FIELDS`): one row per calibration process
     at that rank count; where there are several, the ``alltoall`` and ``cpu`` rows are
     their per-figure medians (:data:`SAMPLE_FIELDS`; one process alone can be disturbed, and
     its single cold pass is a noisy sample of ``first_touch_s``).
@@ -92,7 +99,7 @@ class Calibration:
     gemm_flops: float                              # achieved GEMM FLOP/s of one rank
     gemm_dtype: str
     alltoall: tuple[tuple[int, float, float], ...]
-    cpu: tuple[tuple[int, float, float, float, float, float], ...] = ()
+    cpu: tuple[tuple[int, float, float, float, float, float, float, float], ...] = ()
     samples: tuple[tuple[int, tuple[tuple[float, ...], ...]], ...] = ()
 
     @classmethod
@@ -102,12 +109,14 @@ class Calibration:
                           samples: dict[int, list] | None = None) -> "Calibration":
         """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``; ``cpu``
         a rank count to ``(gemm_flops, weight_Bps, token_elem_s, micro_batch_s[,
-        first_touch_s])`` (first_touch_s 0 when left out); ``samples`` a rank count to its
+        first_touch_s, dense_elem_s, dense_touch_s])`` (0 those left out); ``samples`` a rank count to its
         calibration processes' rows of :data:`SAMPLE_FIELDS` (kept as given)."""
         rows = tuple(sorted((int(n), float(lat), float(bw)) for n, (lat, bw) in alltoall.items()))
-        cpu_rows = tuple(sorted((int(n), *map(float, (tuple(v) + (0.0,))[:5]))
+        cpu_rows = tuple(sorted((int(n), *map(float, (tuple(v) + (0.0,) * 3)[:len(CPU_FIELDS)]))
                                 for n, v in (cpu or {}).items()))
-        sample_rows = tuple(sorted((int(n), tuple(tuple(map(float, r)) for r in v))
+        width = len(SAMPLE_FIELDS)
+        sample_rows = tuple(sorted((int(n), tuple(tuple(map(float, (tuple(r) + (0.0,) * width)[:width]))
+                                                  for r in v))
                                    for n, v in (samples or {}).items() if len(v)))
         return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows,
                    sample_rows).validate()
@@ -121,10 +130,10 @@ class Calibration:
             if n < 1 or lat < 0 or not bw > 0:
                 raise MoempiError(f"{source}: alltoall[{n}] needs ranks >= 1, latency_s >= 0, "
                                   f"bandwidth_Bps > 0")
-        for n, flops, wbps, tok, mb, ft in self.cpu:
-            if n < 1 or not flops > 0 or min(wbps, tok, mb, ft) < 0:
+        for n, flops, *rest in self.cpu:
+            if n < 1 or not flops > 0 or min(rest) < 0:
                 raise MoempiError(f"{source}: cpu[{n}] needs ranks >= 1, gemm_flops > 0, "
-                                  f"weight_Bps, token_elem_s, micro_batch_s, first_touch_s >= 0")
+                                  f"{', '.join(CPU_FIELDS[1:])} >= 0")
         for n, rows in self.samples:
             if any(len(r) != len(SAMPLE_FIELDS) or min(r) < 0 for r in rows):
                 raise MoempiError(f"{source}: samples[{n}] needs rows of "
@@ -139,25 +148,24 @@ class Calibration:
         return (float(np.interp(x, ranks, [r[1] for r in self.alltoall])),
                 float(np.interp(x, ranks, [r[2] for r in self.alltoall])))
 
-    def cpu_at(self, num_ranks: int) -> tuple[float, float, float, float, float]:
-        """(gemm_flops, weight_Bps, token_elem_s, micro_batch_s, first_touch_s) at
+    def cpu_at(self, num_ranks: int) -> tuple[float, ...]:
+        """The :data:`CPU_FIELDS` (gemm_flops, weight_Bps, token_elem_s, ...) at
         ``num_ranks``, interpolated like :meth:`alltoall_at`; without ``cpu`` rows:
-        ``(gemm_flops, 0, 0, 0, 0)``."""
+        ``(gemm_flops, 0, ...)``."""
         if not self.cpu:
-            return self.gemm_flops, 0.0, 0.0, 0.0, 0.0
+            return (self.gemm_flops,) + (0.0,) * (len(CPU_FIELDS) - 1)
         x = math.log2(max(num_ranks, 1))
         ranks = np.log2([r[0] for r in self.cpu])
-        return tuple(float(np.interp(x, ranks, [r[i] for r in self.cpu])) for i in range(1, 6))
+        return tuple(float(np.interp(x, ranks, [r[i] for r in self.cpu]))
+                     for i in range(1, len(CPU_FIELDS) + 1))
 
     def hardware(self, num_ranks: int, topo: Topology) -> Hardware:
         """Measured figures at ``num_ranks``; GPUs per node and memory from ``topo``."""
         latency, bandwidth = self.alltoall_at(num_ranks)
-        flops, weight_Bps, token_elem_s, micro_batch_s, first_touch_s = self.cpu_at(num_ranks)
-        return Hardware(gemm_flops=flops, latency_s=latency, intra_Bps=bandwidth,
+        return Hardware(latency_s=latency, intra_Bps=bandwidth,
                         inter_Bps=bandwidth, link="measured", gpus_per_node=topo.gpus_per_node,
                         memory_bytes=topo.gpu_memory_gb * 1e9, source=f"calibration: {self.machine}",
-                        weight_Bps=weight_Bps, token_elem_s=token_elem_s,
-                        micro_batch_s=micro_batch_s, first_touch_s=first_touch_s)
+                        **dict(zip(CPU_FIELDS, self.cpu_at(num_ranks))))
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
@@ -165,9 +173,7 @@ class Calibration:
                 "gemm_dtype": self.gemm_dtype,
                 "alltoall": {str(n): {"latency_s": lat, "bandwidth_Bps": bw}
                              for n, lat, bw in self.alltoall},
-                **({"cpu": {str(n): {"gemm_flops": f, "weight_Bps": w, "token_elem_s": t,
-                                     "micro_batch_s": m, "first_touch_s": ft}
-                            for n, f, w, t, m, ft in self.cpu}}
+                **({"cpu": {str(n): dict(zip(CPU_FIELDS, rest)) for n, *rest in self.cpu}}
                    if self.cpu else {}),
                 **({"samples": {str(n): [dict(zip(SAMPLE_FIELDS, r)) for r in rows]
                                 for n, rows in self.samples}}
@@ -189,11 +195,12 @@ class Calibration:
         try:
             alltoall = {int(n): (float(v["latency_s"]), float(v["bandwidth_Bps"]))
                         for n, v in data["alltoall"].items()}
+            # figures added later (first_touch_s, dense_*) are 0 in older files
             cpu = {int(n): (float(v["gemm_flops"]), float(v["weight_Bps"]),
                             float(v["token_elem_s"]), float(v["micro_batch_s"]),
-                            float(v.get("first_touch_s", 0.0)))
+                            *(float(v.get(k, 0.0)) for k in CPU_FIELDS[4:]))
                    for n, v in data.get("cpu", {}).items()}
-            samples = {int(n): [tuple(float(r[k]) for k in SAMPLE_FIELDS) for r in v]
+            samples = {int(n): [tuple(float(r.get(k, 0.0)) for k in SAMPLE_FIELDS) for r in v]
                        for n, v in data.get("samples", {}).items()}
             return cls.from_measurements(float(data["gemm_flops"]), alltoall,
                                          str(data.get("machine", "")),
@@ -374,9 +381,22 @@ def weight_stream_s(hw: Hardware, hidden: int, ffn: int, calls: int) -> float:
 def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: int,
                      micro_batches: int = 1) -> LayerTimes:
     """A dense layer: the MLP's ``2 * 2*H*Fd`` FLOPs per token at the GEMM rate, one weight
-    stream per micro-batch (the runner runs the dense MLP per micro-batch); no exchange."""
+    stream per micro-batch (the runner runs the dense MLP per micro-batch); no exchange.
+
+    With calibrated CPU terms (0 for datasheet hardware, where a GPU fuses these passes and
+    they are noise next to the GEMMs) add the layer's elementwise work, memory-bound, so
+    linear in the elements it streams: ``T * (H + Fd) * dense_elem_s`` (rmsnorm's square,
+    scale and weight passes and the residual add over ``[T, H]``, the activation over
+    ``[T, Fd]``; ``experts.rmsnorm``, ``experts.mlp``, one constant for both widths), and in
+    the first layer of a fresh process's first pass (layer 0, before any heap reuse,
+    :mod:`moempi.heap`) ``T * (H + Fd) * dense_touch_s`` for paging those temporaries in.
+    Both are fitted on the calibration's dense layer (H 768, Fd 384).
+    """
+    elems = tokens_per_gpu * (meta.hidden_size + meta.dense_ffn_size)
     t = (tokens_per_gpu * 4 * meta.hidden_size * meta.dense_ffn_size / hw.gemm_flops
-         + weight_stream_s(hw, meta.hidden_size, meta.dense_ffn_size, micro_batches))
+         + weight_stream_s(hw, meta.hidden_size, meta.dense_ffn_size, micro_batches)
+         + elems * hw.dense_elem_s
+         + (elems * hw.dense_touch_s if layer == 0 else 0.0))
     return LayerTimes(layer, "dense", t, 0.0, 0.0, 0.0, 0.0, 0.0, 1, t, t)
 
 

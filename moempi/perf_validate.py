@@ -36,7 +36,8 @@ import time
 import numpy as np
 
 from .errors import MoempiError
-from .perf import Calibration, Hardware, Layout, forward_time, layer_time, traffic_from_pairs
+from .perf import (Calibration, Hardware, Layout, dense_layer_time, forward_time, layer_time,
+                   traffic_from_pairs)
 from .shapes import ModelMeta
 from .topology import Topology
 
@@ -97,6 +98,7 @@ def measure_gemm(comm, shapes=SHAPES, rows=GEMM_ROWS, repeats: int = 5) -> tuple
 RUNNER_SHAPE = (768, 512)        # (H, F) of the calibration runs: neither validation shape
 RUNNER_TOKENS = 384              # tokens per rank of the calibration runs
 RUNNER_LAYERS = 4                # MoE layers of the calibration runs
+RUNNER_DENSE_FFN = 384           # Fd of their one dense layer, first (validation models: 96)
 RUNNER_MICRO_BATCHES = (1, 4)    # blocking runs at these micro-batch counts fit the fixed cost
 RUNNER_REPEATS = 3               # medians over these repeats
 
@@ -105,7 +107,8 @@ def runner_samples(comm, shape=RUNNER_SHAPE, tokens: int = RUNNER_TOKENS,
                    layers: int = RUNNER_LAYERS, micro_batches=RUNNER_MICRO_BATCHES,
                    repeats: int = RUNNER_REPEATS, precision: str = "fp32") -> dict:
     """Blocking runs of the real runner (``pipeline.run_batch`` through ``bench.synthetic`` /
-    ``bench.forward``) at the calibration shape: first one cold pass (call this first in a
+    ``bench.forward``) at the calibration shape (one dense layer, then ``layers`` MoE
+    layers, as the validated models): first one cold pass (call this first in a
     fresh process: it pages in its working set as a ``moempi run`` does), then ``repeats``
     warm passes at each micro-batch count.  Per pass: the measured layers (max over ranks of
     busy + wait), the rows each rank sent to each rank, the max rows computed per layer and
@@ -117,11 +120,12 @@ def runner_samples(comm, shape=RUNNER_SHAPE, tokens: int = RUNNER_TOKENS,
         _, tel, _ = forward(comm, weights, placement, x.copy(), m, False, precision)
         return {"m": m,
                 "measured": np.max(comm.allgather(tel.seconds["busy"] + tel.seconds["wait"]), axis=0),
-                "traffic": np.array(comm.allgather(tel.traffic)),            # [P, L, P] rows
+                "traffic": np.array(comm.allgather(tel.traffic)),        # [P, L_moe, P] rows
                 "rows": np.max(comm.allgather(tel.rows_computed.astype(float)), axis=0),
                 "expert": np.max(comm.allgather(tel.seconds["expert"]), axis=0)}
 
-    weights, placement, x = synthetic(comm, Shape("calibration", hidden, ffn, tokens, layers))
+    weights, placement, x = synthetic(comm, Shape("calibration", hidden, ffn, tokens, layers,
+                                                  RUNNER_DENSE_FFN))
     cold = sample(1)
     warm = [sample(m) for _ in range(repeats) for m in micro_batches]
     return {"meta": weights.meta, "tokens": tokens, "precision": precision, "cold": cold,
@@ -129,67 +133,76 @@ def runner_samples(comm, shape=RUNNER_SHAPE, tokens: int = RUNNER_TOKENS,
 
 
 def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
-               bandwidth_Bps: float) -> tuple[float, float, float, float]:
-    """(gemm_flops, token_elem_s, micro_batch_s, first_touch_s) from :func:`runner_samples`.
+               bandwidth_Bps: float) -> tuple[float, float, float, float, float, float]:
+    """(gemm_flops, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s)
+    from :func:`runner_samples`.
 
     * ``gemm_flops``: the runner's own expert rate as the model uses it, ``sum(max rows *
-      4HF) / sum(slowest rank's expert_s - calls * weight stream)`` over layers and warm runs
-      (gathered rows, chunking, polls and ranks sharing cores included).
+      4HF) / sum(slowest rank's expert_s - calls * weight stream)`` over MoE layers and warm
+      runs (gathered rows, chunking, polls and ranks sharing cores included).
     * With that rate the model's compute (max-loaded rank's rows) + exchange + latency of
-      each layer is subtracted from the measured layer; the remainder of the warm runs'
-      non-first layers is fitted as ``T*H*token_elem_s + m*micro_batch_s`` from the m = 1
+      each MoE layer is subtracted from the measured layer; the remainder of the warm runs'
+      non-first MoE layers is fitted as ``T*H*token_elem_s + m*micro_batch_s`` from the m = 1
       and m = 4 medians (gate, packing copies, un-permute, weighted sum, rank skew beyond
       the rows, Python and plan building per micro-batch).
-    * ``first_touch_s``: what the cold pass takes beyond that model, over all its layers,
-      per ``T*K*H`` (the run's pair buffers, the largest it pages in): a fresh process's
-      first pass faults its whole working set in, one page fault per 4 KiB (about 2 us on
-      the VM this was measured on, :mod:`moempi.heap`); the model charges it to the first
-      MoE layer, where most of it falls.
+    * ``dense_elem_s``: the dense layer's (layer 0) median over the warm runs of measured
+      minus the model's GEMM and weight stream, per ``T*(H + Fd)`` (its elementwise passes,
+      :func:`perf.dense_layer_time`); ``dense_touch_s``: what the cold pass's dense layer
+      took beyond that, per ``T*(H + Fd)`` (its temporaries paged in).
+    * ``first_touch_s``: :func:`fit_first_touch`, the cold pass's MoE layers.
     """
     meta, tokens = runs["meta"], runs["tokens"]
-    hidden, ffn, layers = meta.hidden_size, meta.moe_ffn_size, meta.num_layers
+    hidden, ffn = meta.hidden_size, meta.moe_ffn_size
+    moe = list(meta.moe_layers)
     per_call = 2 * hidden * ffn * 4 / weight_Bps if weight_Bps else 0.0
     work = sum(float(s["rows"].sum()) * 4 * hidden * ffn for s in runs["warm"])
-    spent = sum(float(s["expert"].sum()) - per_call * s["m"] * layers for s in runs["warm"])
+    spent = sum(float(s["expert"][moe].sum()) - per_call * s["m"] * len(moe)
+                for s in runs["warm"])
     flops = work / max(spent, 1e-9)
     hw = Hardware(gemm_flops=flops, latency_s=latency_s, intra_Bps=bandwidth_Bps,
                   inter_Bps=bandwidth_Bps, link="measured", gpus_per_node=comm.size,
                   memory_bytes=0.0, weight_Bps=weight_Bps)
-    wire = 2 if runs["precision"] == "bf16" else 4
-
-    def residuals(s):
-        """Measured minus the model without the fitted terms, per layer."""
-        out = []
-        for l in range(layers):
-            t = traffic_from_pairs(s["traffic"][:, l, :].astype(float), 1, comm.size, "measured")
-            out.append(s["measured"][l] - serial_time(layer_time(meta, hw, t, tokens, s["m"], wire, l)))
-        return np.array(out)
-
     rest = {}
     for m in sorted({s["m"] for s in runs["warm"]}):
-        rest[m] = float(np.median([residuals(s)[1:].mean() for s in runs["warm"] if s["m"] == m]))
+        rest[m] = float(np.median([_moe_residuals(comm, runs, s, hw)[1:].mean()
+                                   for s in runs["warm"] if s["m"] == m]))
     m1, m2 = min(rest), max(rest)
     micro_batch_s = max((rest[m2] - rest[m1]) / (m2 - m1), 0.0) if m2 > m1 else 0.0
     token_elem_s = max((rest[m1] - m1 * micro_batch_s) / (tokens * hidden), 0.0)
+    dense_elem_s = dense_touch_s = 0.0
+    if meta.num_dense_layers:
+        elems = tokens * (hidden + meta.dense_ffn_size)
+        gemm = lambda s: dense_layer_time(meta, hw, tokens, 1, s["m"]).compute_s   # no touch
+        dense_elem_s = max(float(np.median([s["measured"][0] - gemm(s) for s in runs["warm"]]))
+                           / elems, 0.0)
+        cold = runs["cold"]
+        dense_touch_s = max((cold["measured"][0] - gemm(cold)) / elems - dense_elem_s, 0.0)
     hw = dataclasses.replace(hw, token_elem_s=token_elem_s, micro_batch_s=micro_batch_s)
     first_touch_s = fit_first_touch(comm, runs, hw)
-    return float(flops), float(token_elem_s), float(micro_batch_s), float(first_touch_s)
+    return (float(flops), float(token_elem_s), float(micro_batch_s), float(first_touch_s),
+            float(dense_elem_s), float(dense_touch_s))
+
+
+def _moe_residuals(comm, runs: dict, s: dict, hw: Hardware) -> np.ndarray:
+    """Measured minus the model ``hw`` (first touch left out) per MoE layer of pass ``s``."""
+    meta, tokens = runs["meta"], runs["tokens"]
+    wire = 2 if runs["precision"] == "bf16" else 4
+    out = []
+    for i, l in enumerate(meta.moe_layers):
+        t = traffic_from_pairs(s["traffic"][:, i, :].astype(float), 1, comm.size, "measured")
+        out.append(s["measured"][l] - serial_time(layer_time(meta, hw, t, tokens, s["m"], wire, l)))
+    return np.array(out)
 
 
 def fit_first_touch(comm, runs: dict, hw: Hardware) -> float:
     """``first_touch_s`` of one cold pass (``runs["cold"]`` of :func:`runner_samples`): what
-    it took beyond the warm model ``hw`` (GEMM rate, weight stream, ``token_elem_s``,
-    ``micro_batch_s``, exchange), over all its layers, per ``T*K*H``.  One cold pass is one
-    sample of a noisy quantity (on the VM this was measured on, about one in six came out
+    its MoE layers took beyond the warm model ``hw`` (GEMM rate, weight stream,
+    ``token_elem_s``, ``micro_batch_s``, exchange), summed, per ``T*K*H``.  One cold pass is
+    one sample of a noisy quantity (on the VM this was measured on, about one in six came out
     twice the others): :func:`calibrate` with ``add`` uses the median over processes."""
-    meta, tokens, cold = runs["meta"], runs["tokens"], runs["cold"]
-    wire = 2 if runs["precision"] == "bf16" else 4
-    excess = 0.0
-    for l in range(meta.num_layers):
-        t = traffic_from_pairs(cold["traffic"][:, l, :].astype(float), 1, comm.size, "measured")
-        excess += cold["measured"][l] - serial_time(layer_time(meta, hw, t, tokens, cold["m"],
-                                                               wire, l))
-    return max(float(excess) / (tokens * meta.top_k * meta.hidden_size), 0.0)
+    meta = runs["meta"]
+    excess = float(_moe_residuals(comm, runs, runs["cold"], hw).sum())
+    return max(excess / (runs["tokens"] * meta.top_k * meta.hidden_size), 0.0)
 
 
 def _best(old: tuple, new: tuple, higher_is_better: tuple) -> tuple:
@@ -214,7 +227,7 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False,
     runs = runner_samples(comm)          # first: its cold pass needs a fresh process
     latency, bandwidth = probe_network(comm, 1024, 4, rows=64)
     _, weight_Bps = measure_gemm(comm)
-    flops, token_elem_s, micro_batch_s, first_touch_s = fit_runner(
+    flops, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s = fit_runner(
         comm, runs, weight_Bps, latency, bandwidth)
     cal = None
     if comm.rank == 0:
@@ -225,14 +238,14 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False,
             cpu = {row[0]: row[1:] for row in old.cpu}
             samples = {n: list(rows) for n, rows in old.samples}
         sample = (latency, bandwidth, flops, weight_Bps, token_elem_s, micro_batch_s,
-                  first_touch_s)
+                  first_touch_s, dense_elem_s, dense_touch_s)
         samples[comm.size] = (samples.get(comm.size, []) if add else []) + [sample]
         merged = tuple(float(v) for v in np.median(samples[comm.size], axis=0))
         new_a, new_c = merged[:2], merged[2:]
         if keep_best and comm.size in alltoall:
             new_a = _best(alltoall[comm.size], new_a, (False, True))
         if keep_best and comm.size in cpu:
-            new_c = _best(cpu[comm.size], new_c, (True, True, False, False, False))
+            new_c = _best(cpu[comm.size], new_c, (True, True, False, False, False, False, False))
         alltoall[comm.size], cpu[comm.size] = new_a, new_c
         machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores"
         # gemm_flops (the field without cpu rows) = the rate at the fewest ranks measured
@@ -243,10 +256,13 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False,
         echo(f"calibration at {comm.size} ranks: GEMM {flops / 1e9:.1f} GFLOP/s per rank, "
              f"weight stream {weight_Bps / 1e9:.1f} GB/s, {token_elem_s * 1e9:.2f} ns per token "
              f"per hidden element, {micro_batch_s * 1e6:.0f} us per micro-batch, first pass "
-             f"{first_touch_s * 1e9:.2f} ns per pair element, Alltoallv "
+             f"{first_touch_s * 1e9:.2f} ns per pair element, dense layer "
+             f"{dense_elem_s * 1e9:.2f} + first pass {dense_touch_s * 1e9:.2f} ns per element, "
+             f"Alltoallv "
              f"{latency * 1e6:.0f} us + {bandwidth / 1e9:.2f} GB/s"
              + (f"; median of {k}: GEMM {new_c[0] / 1e9:.1f} GFLOP/s, {new_c[2] * 1e9:.2f} ns, "
-                f"{new_c[3] * 1e6:.0f} us, first pass {new_c[4] * 1e9:.2f} ns" if k > 1 else "")
+                f"{new_c[3] * 1e6:.0f} us, first pass {new_c[4] * 1e9:.2f} ns, dense "
+                f"{new_c[5] * 1e9:.2f} + {new_c[6] * 1e9:.2f} ns" if k > 1 else "")
              + f" -> {path}")
     return comm.bcast(cal, root=0)
 

@@ -282,15 +282,37 @@ def test_keep_freed_memory_on_glibc():
 def test_calibration_samples_roundtrip(tmp_path):
     """Each calibration process's figures travel with the file; a file without them (older
     calibrations) still loads."""
-    rows = [(1e-5, 3e9, 8e10, 2e10, 1e-8, 1e-4, 2e-8), (2e-5, 2e9, 6e10, 1e10, 2e-8, 0.0, 4e-8)]
+    rows = [(1e-5, 3e9, 8e10, 2e10, 1e-8, 1e-4, 2e-8, 1e-9, 2e-9),
+            (2e-5, 2e9, 6e10, 1e10, 2e-8, 0.0, 4e-8, 2e-9, 0.0)]
     cal = Calibration.from_measurements(5e10, {2: (1e-5, 3e9)}, "vm",
-                                        cpu={2: (8e10, 2e10, 1e-8, 1e-4, 2e-8)},
+                                        cpu={2: (8e10, 2e10, 1e-8, 1e-4, 2e-8, 1e-9, 1e-9)},
                                         samples={2: rows})
     cal.save(str(tmp_path / "c.json"))
     assert Calibration.load(str(tmp_path / "c.json")) == cal
     assert dict(cal.samples)[2] == tuple(rows)
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["samples"]["2"][1]["first_touch_s"] == 4e-8
-    del data["samples"]
+    del data["samples"], data["cpu"]["2"]["dense_elem_s"], data["cpu"]["2"]["dense_touch_s"]
     (tmp_path / "old.json").write_text(json.dumps(data))
-    assert Calibration.load(str(tmp_path / "old.json")).samples == ()
+    old = Calibration.load(str(tmp_path / "old.json"))
+    assert old.samples == () and old.cpu == ((2, 8e10, 2e10, 1e-8, 1e-4, 2e-8, 0.0, 0.0),)
+
+
+def test_dense_elementwise_and_first_touch_terms():
+    """A dense layer's non-GEMM work: T*(H + Fd)*dense_elem_s in every dense layer, plus
+    T*(H + Fd)*dense_touch_s in layer 0 only (a fresh process's first pass); 0 on the seed
+    hardware, so the DeepSeek-V3 figures are unchanged."""
+    meta = PRESETS["small"]                                  # 3 dense layers
+    base = Hardware(gemm_flops=1e11, latency_s=1e-5, intra_Bps=5e9, inter_Bps=5e9,
+                    link="measured", gpus_per_node=2, memory_bytes=1e12)
+    hw = dataclasses.replace(base, dense_elem_s=1e-9, dense_touch_s=4e-9)
+    layout = Layout(ep=2, tokens_per_gpu=512, micro_batches=1)
+    extra = [c.compute_s - w.compute_s for c, w in
+             zip(forward_time(meta, hw, layout).layers, forward_time(meta, base, layout).layers)]
+    elems = 512 * (meta.hidden_size + meta.dense_ffn_size)
+    assert extra[:3] == pytest.approx([elems * 5e-9, elems * 1e-9, elems * 1e-9])
+    assert extra[3:] == [0.0] * (meta.num_layers - 3)
+    seed = Hardware.from_topology(Topology())
+    assert seed.dense_elem_s == seed.dense_touch_s == 0.0
+    fc = forward_time(PRESETS["deepseek-v3"], seed, Layout(ep=256))
+    assert fc.forward_s * 1e3 == pytest.approx(192.5, abs=0.05)

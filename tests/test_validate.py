@@ -130,5 +130,6 @@ def test_cpu_terms_roundtrip_and_default_zero(tmp_path):
     # seed hardware: the new terms are 0, so DeepSeek-V3 figures are the documented ones
     seed = Hardware.from_topology(Topology())
     assert seed.weight_Bps == seed.token_elem_s == seed.micro_batch_s == 0.0
+    assert seed.first_touch_s == seed.dense_elem_s == seed.dense_touch_s == 0.0
     fc = forward_time(PRESETS["deepseek-v3"], seed, Layout(ep=256))
     assert fc.forward_s * 1e3 == pytest.approx(192.5, abs=0.05)
