@@ -31,7 +31,8 @@ COMPUTE_WEIGHT_BYTES = 4
 CALIBRATION_FORMAT = "moempi-calibration"
 # one calibration process's figures at one rank count (Calibration.samples)
 SAMPLE_FIELDS = ("latency_s", "bandwidth_Bps", "gemm_flops", "weight_Bps", "token_elem_s",
-                 "micro_batch_s", "first_touch_s", "dense_elem_s", "dense_touch_s")
+                 "micro_batch_s", "first_touch_s", "dense_elem_s", "dense_touch_s",
+                 "first_touch_head")
 CPU_FIELDS = SAMPLE_FIELDS[2:]     # a Calibration.cpu row after its rank count
 CALIBRATION_VERSION = 1
 
@@ -58,7 +59,9 @@ class Hardware:
     micro_batch_s: float = 0.0  # s per micro-batch per MoE layer: routing plan, Python, scheduler
     first_touch_s: float = 0.0  # s per (token, expert) pair element a run's first forward pass
                                 # adds, once: a fresh process pages its working set in
-                                # (moempi.heap; spread over the MoE layers, see moe_compute)
+                                # (moempi.heap; shared over the MoE layers, touch_shares)
+    first_touch_head: float = 0.0  # share of that first touch in the first MoE layer, the rest
+                                   # even over the others; 0 = all even (see touch_shares)
     dense_elem_s: float = 0.0  # s per token per (H + Fd) element of a dense layer's non-GEMM
                                # work: rmsnorm and residual add over [T, H], activation over
                                # [T, Fd] (see dense_layer_time)
@@ -84,7 +87,8 @@ class Calibration:
     ``alltoall`` holds ``(num_ranks, latency_s, bandwidth_Bps)`` rows sorted by rank count:
     the latency of an (almost) empty Alltoallv and the per-rank bandwidth of a large one.
     ``cpu`` (optional, from ``perf_validate.calibrate``) holds ``(num_ranks, gemm_flops,
-    weight_Bps, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s)``
+    weight_Bps, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s,
+    first_touch_head)``
     rows (:data:`CPU_FIELDS`) measured with all ranks computing at once
     (so more ranks than cores shows up as a lower rate); where present it replaces
     ``gemm_flops`` and adds the small-scale terms of :class:`Hardware`.
@@ -109,10 +113,12 @@ class Calibration:
                           samples: dict[int, list] | None = None) -> "Calibration":
         """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``; ``cpu``
         a rank count to ``(gemm_flops, weight_Bps, token_elem_s, micro_batch_s[,
-        first_touch_s, dense_elem_s, dense_touch_s])`` (0 those left out); ``samples`` a rank count to its
+        first_touch_s, dense_elem_s, dense_touch_s, first_touch_head])`` (0 those left out);
+        ``samples`` a rank count to its
         calibration processes' rows of :data:`SAMPLE_FIELDS` (kept as given)."""
         rows = tuple(sorted((int(n), float(lat), float(bw)) for n, (lat, bw) in alltoall.items()))
-        cpu_rows = tuple(sorted((int(n), *map(float, (tuple(v) + (0.0,) * 3)[:len(CPU_FIELDS)]))
+        cpu_rows = tuple(sorted((int(n), *map(float, (tuple(v) + (0.0,) * len(CPU_FIELDS))
+                                                      [:len(CPU_FIELDS)]))
                                 for n, v in (cpu or {}).items()))
         width = len(SAMPLE_FIELDS)
         sample_rows = tuple(sorted((int(n), tuple(tuple(map(float, (tuple(r) + (0.0,) * width)[:width]))
@@ -424,7 +430,7 @@ def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu:
     first touch ``T * K * H * first_touch_s``: a fresh process faults its working set in
     during its first pass (measured: 4 700 to 9 000 faults of about 2 us each at the
     validation shapes); the faults follow the heap's growth over the first layers, so
-    :func:`forward_time` spreads the cost evenly over the pass's MoE layers.
+    :func:`forward_time` gives each MoE layer its :func:`touch_shares` share.
     """
     flops = (traffic.compute_pairs * expert_flops_per_pair(meta)
              + tokens_per_gpu * 2 * meta.hidden_size * meta.num_experts)
@@ -434,6 +440,21 @@ def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu:
             + tokens_per_gpu * meta.hidden_size * hw.token_elem_s
             + micro_batches * hw.micro_batch_s
             + touch_share * tokens_per_gpu * meta.top_k * meta.hidden_size * hw.first_touch_s)
+
+
+def touch_shares(moe_layers: int, head: float = 0.0) -> list[float]:
+    """How a fresh process's first touch falls on its first pass's ``moe_layers`` MoE layers
+    (they sum to 1): ``head`` in the first, ``(1 - head) / (L - 1)`` in each other; ``head``
+    0 (not measured, or datasheet hardware) spreads it evenly.  The faults follow the heap's
+    growth to its peak, which the first layers reach: the calibration's cold pass (4 MoE
+    layers) put 44-82 % of its MoE excess in the first, most of the rest in the second
+    (:func:`perf_validate.fit_runner` fits ``head``); beyond the calibration's depth the
+    even rest is an approximation (it is really in the second layer)."""
+    if moe_layers < 1:
+        return []
+    if head <= 0 or moe_layers == 1:
+        return [1.0 / moe_layers] * moe_layers
+    return [head] + [(1.0 - head) / (moe_layers - 1)] * (moe_layers - 1)
 
 
 def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
@@ -550,16 +571,16 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
                                  layout.tp, hw.gpus_per_node, hw.link)
     per_layer = {l: (traffic or {}).get(l, uniform) for l in meta.moe_layers}
     epg = experts_per_gpu(meta.num_experts, layout.ep)
-    share = 1.0 / max(len(per_layer), 1)        # of the first touch, per MoE layer
+    shares = touch_shares(len(per_layer), hw.first_touch_head)   # of the first touch
     m = layout.micro_batches
     if m == 0:
         cap = min(max_micro_batches, T)
-        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, share).overlapped_s
-                    for l, t in per_layer.items()) for k in range(1, cap + 1)]
+        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, s).overlapped_s
+                    for (l, t), s in zip(per_layer.items(), shares)) for k in range(1, cap + 1)]
         m = 1 + int(np.argmin(np.round(sums, 15)))
     layers = [dense_layer_time(meta, hw, T, l, m) for l in range(meta.num_dense_layers)]
-    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, share)
-               for l, t in per_layer.items()]
+    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, s)
+               for (l, t), s in zip(per_layer.items(), shares)]
     skew = max((t.skew for t in per_layer.values()), default=1.0)
     weight_bytes = 4 if layout.precision == "fp32" else meta.weight_bytes
     mem = memory_per_gpu(meta, layout.ep, layout.tp, T, m, layout.wire_bytes, weight_bytes, skew)
@@ -575,4 +596,5 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
 __all__ = ["Calibration", "Forecast", "Hardware", "LayerTimes", "Layout", "Traffic",
            "best_micro_batches", "check_fits", "choose_micro_batches", "dense_layer_time",
            "forward_time", "layer_time", "memory_per_gpu", "pipeline_time", "smallest_fitting_tp",
+           "touch_shares",
            "trace_pairs", "traffic_from_pairs", "uniform_pairs"]

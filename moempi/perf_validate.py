@@ -133,9 +133,9 @@ def runner_samples(comm, shape=RUNNER_SHAPE, tokens: int = RUNNER_TOKENS,
 
 
 def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
-               bandwidth_Bps: float) -> tuple[float, float, float, float, float, float]:
-    """(gemm_flops, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s)
-    from :func:`runner_samples`.
+               bandwidth_Bps: float) -> tuple[float, ...]:
+    """(gemm_flops, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s,
+    first_touch_head) from :func:`runner_samples`.
 
     * ``gemm_flops``: the runner's own expert rate as the model uses it, ``sum(max rows *
       4HF) / sum(slowest rank's expert_s - calls * weight stream)`` over MoE layers and warm
@@ -149,7 +149,8 @@ def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
       minus the model's GEMM and weight stream, per ``T*(H + Fd)`` (its elementwise passes,
       :func:`perf.dense_layer_time`); ``dense_touch_s``: what the cold pass's dense layer
       took beyond that, per ``T*(H + Fd)`` (its temporaries paged in).
-    * ``first_touch_s``: :func:`fit_first_touch`, the cold pass's MoE layers.
+    * ``first_touch_s``, ``first_touch_head``: :func:`fit_first_touch`, the cold pass's MoE
+      layers.
     """
     meta, tokens = runs["meta"], runs["tokens"]
     hidden, ffn = meta.hidden_size, meta.moe_ffn_size
@@ -178,9 +179,9 @@ def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
         cold = runs["cold"]
         dense_touch_s = max((cold["measured"][0] - gemm(cold)) / elems - dense_elem_s, 0.0)
     hw = dataclasses.replace(hw, token_elem_s=token_elem_s, micro_batch_s=micro_batch_s)
-    first_touch_s = fit_first_touch(comm, runs, hw)
+    first_touch_s, head = fit_first_touch(comm, runs, hw)
     return (float(flops), float(token_elem_s), float(micro_batch_s), float(first_touch_s),
-            float(dense_elem_s), float(dense_touch_s))
+            float(dense_elem_s), float(dense_touch_s), float(head))
 
 
 def _moe_residuals(comm, runs: dict, s: dict, hw: Hardware) -> np.ndarray:
@@ -194,15 +195,20 @@ def _moe_residuals(comm, runs: dict, s: dict, hw: Hardware) -> np.ndarray:
     return np.array(out)
 
 
-def fit_first_touch(comm, runs: dict, hw: Hardware) -> float:
-    """``first_touch_s`` of one cold pass (``runs["cold"]`` of :func:`runner_samples`): what
-    its MoE layers took beyond the warm model ``hw`` (GEMM rate, weight stream,
-    ``token_elem_s``, ``micro_batch_s``, exchange), summed, per ``T*K*H``.  One cold pass is
-    one sample of a noisy quantity (on the VM this was measured on, about one in six came out
-    twice the others): :func:`calibrate` with ``add`` uses the median over processes."""
+def fit_first_touch(comm, runs: dict, hw: Hardware) -> tuple[float, float]:
+    """(first_touch_s, first_touch_head) of one cold pass (``runs["cold"]`` of
+    :func:`runner_samples`): what its MoE layers took beyond the warm model ``hw`` (GEMM
+    rate, weight stream, ``token_elem_s``, ``micro_batch_s``, exchange), summed, per
+    ``T*K*H``; and the share of that in its first MoE layer (:func:`perf.touch_shares`),
+    at least an even share and at most all.  One cold pass is one sample of a noisy quantity
+    (on the VM this was measured on, about one in six came out twice the others):
+    :func:`calibrate` with ``add`` uses the median over processes."""
     meta = runs["meta"]
-    excess = float(_moe_residuals(comm, runs, runs["cold"], hw).sum())
-    return max(excess / (runs["tokens"] * meta.top_k * meta.hidden_size), 0.0)
+    excess = _moe_residuals(comm, runs, runs["cold"], hw)
+    total = float(excess.sum())
+    layers = len(excess)
+    head = min(max(float(excess[0]) / total, 1.0 / layers), 1.0) if total > 0 else 0.0
+    return max(total / (runs["tokens"] * meta.top_k * meta.hidden_size), 0.0), head
 
 
 def _best(old: tuple, new: tuple, higher_is_better: tuple) -> tuple:
@@ -227,8 +233,8 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False,
     runs = runner_samples(comm)          # first: its cold pass needs a fresh process
     latency, bandwidth = probe_network(comm, 1024, 4, rows=64)
     _, weight_Bps = measure_gemm(comm)
-    flops, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s = fit_runner(
-        comm, runs, weight_Bps, latency, bandwidth)
+    (flops, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s,
+     head) = fit_runner(comm, runs, weight_Bps, latency, bandwidth)
     cal = None
     if comm.rank == 0:
         alltoall, cpu, samples = {}, {}, {}
@@ -238,14 +244,15 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False,
             cpu = {row[0]: row[1:] for row in old.cpu}
             samples = {n: list(rows) for n, rows in old.samples}
         sample = (latency, bandwidth, flops, weight_Bps, token_elem_s, micro_batch_s,
-                  first_touch_s, dense_elem_s, dense_touch_s)
+                  first_touch_s, dense_elem_s, dense_touch_s, head)
         samples[comm.size] = (samples.get(comm.size, []) if add else []) + [sample]
         merged = tuple(float(v) for v in np.median(samples[comm.size], axis=0))
         new_a, new_c = merged[:2], merged[2:]
         if keep_best and comm.size in alltoall:
             new_a = _best(alltoall[comm.size], new_a, (False, True))
         if keep_best and comm.size in cpu:
-            new_c = _best(cpu[comm.size], new_c, (True, True, False, False, False, False, False))
+            new_c = _best(cpu[comm.size], new_c,
+                          (True, True, False, False, False, False, False, False))
         alltoall[comm.size], cpu[comm.size] = new_a, new_c
         machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores"
         # gemm_flops (the field without cpu rows) = the rate at the fewest ranks measured
@@ -256,12 +263,14 @@ def calibrate(comm, path: str, echo=print, keep_best: bool = False,
         echo(f"calibration at {comm.size} ranks: GEMM {flops / 1e9:.1f} GFLOP/s per rank, "
              f"weight stream {weight_Bps / 1e9:.1f} GB/s, {token_elem_s * 1e9:.2f} ns per token "
              f"per hidden element, {micro_batch_s * 1e6:.0f} us per micro-batch, first pass "
-             f"{first_touch_s * 1e9:.2f} ns per pair element, dense layer "
+             f"{first_touch_s * 1e9:.2f} ns per pair element ({head:.0%} in the first MoE "
+             f"layer), dense layer "
              f"{dense_elem_s * 1e9:.2f} + first pass {dense_touch_s * 1e9:.2f} ns per element, "
              f"Alltoallv "
              f"{latency * 1e6:.0f} us + {bandwidth / 1e9:.2f} GB/s"
              + (f"; median of {k}: GEMM {new_c[0] / 1e9:.1f} GFLOP/s, {new_c[2] * 1e9:.2f} ns, "
-                f"{new_c[3] * 1e6:.0f} us, first pass {new_c[4] * 1e9:.2f} ns, dense "
+                f"{new_c[3] * 1e6:.0f} us, first pass {new_c[4] * 1e9:.2f} ns "
+                f"({new_c[7]:.0%}), dense "
                 f"{new_c[5] * 1e9:.2f} + {new_c[6] * 1e9:.2f} ns" if k > 1 else "")
              + f" -> {path}")
     return comm.bcast(cal, root=0)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from moempi.errors import MoempiError
 from moempi.memory import check_fits, memory_per_gpu, smallest_fitting_tp
 from moempi.perf import (Calibration, Hardware, Layout, choose_micro_batches, forward_time,
-                         pipeline_time, traffic_from_pairs, uniform_pairs)
+                         pipeline_time, touch_shares, traffic_from_pairs, uniform_pairs)
 from moempi.plan import plan
 from moempi.shapes import PRESETS
 from moempi.topology import Topology
@@ -269,6 +269,13 @@ def test_first_touch_paid_once_per_pass_over_the_moe_layers():
     deeper = meta.replace(num_layers=13)
     fc_c, fc_w = forward_time(deeper, cold, layout), forward_time(deeper, warm, layout)
     assert fc_c.forward_s - fc_w.forward_s == pytest.approx(total)
+    # measured head share: that much in the first MoE layer, the rest even, same total
+    head = dataclasses.replace(cold, first_touch_head=0.7)
+    extra = [c.overlapped_s - w.overlapped_s for c, w in
+             zip(forward_time(meta, head, layout).layers, forward_time(meta, warm, layout).layers)]
+    assert extra[1:] == pytest.approx([0.7 * total] + [0.3 * total / 5] * 5)
+    assert touch_shares(4) == [0.25] * 4 and touch_shares(1, 0.7) == [1.0]
+    assert touch_shares(0) == []
 
 
 def test_keep_freed_memory_on_glibc():
@@ -282,10 +289,10 @@ def test_keep_freed_memory_on_glibc():
 def test_calibration_samples_roundtrip(tmp_path):
     """Each calibration process's figures travel with the file; a file without them (older
     calibrations) still loads."""
-    rows = [(1e-5, 3e9, 8e10, 2e10, 1e-8, 1e-4, 2e-8, 1e-9, 2e-9),
-            (2e-5, 2e9, 6e10, 1e10, 2e-8, 0.0, 4e-8, 2e-9, 0.0)]
+    rows = [(1e-5, 3e9, 8e10, 2e10, 1e-8, 1e-4, 2e-8, 1e-9, 2e-9, 0.7),
+            (2e-5, 2e9, 6e10, 1e10, 2e-8, 0.0, 4e-8, 2e-9, 0.0, 0.5)]
     cal = Calibration.from_measurements(5e10, {2: (1e-5, 3e9)}, "vm",
-                                        cpu={2: (8e10, 2e10, 1e-8, 1e-4, 2e-8, 1e-9, 1e-9)},
+                                        cpu={2: (8e10, 2e10, 1e-8, 1e-4, 2e-8, 1e-9, 1e-9, 0.6)},
                                         samples={2: rows})
     cal.save(str(tmp_path / "c.json"))
     assert Calibration.load(str(tmp_path / "c.json")) == cal
@@ -293,9 +300,10 @@ def test_calibration_samples_roundtrip(tmp_path):
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["samples"]["2"][1]["first_touch_s"] == 4e-8
     del data["samples"], data["cpu"]["2"]["dense_elem_s"], data["cpu"]["2"]["dense_touch_s"]
+    del data["cpu"]["2"]["first_touch_head"]
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = Calibration.load(str(tmp_path / "old.json"))
-    assert old.samples == () and old.cpu == ((2, 8e10, 2e10, 1e-8, 1e-4, 2e-8, 0.0, 0.0),)
+    assert old.samples == () and old.cpu == ((2, 8e10, 2e10, 1e-8, 1e-4, 2e-8, 0.0, 0.0, 0.0),)
 
 
 def test_dense_elementwise_and_first_touch_terms():
