@@ -121,8 +121,8 @@ class Calibration:
                                                       [:len(CPU_FIELDS)]))
                                 for n, v in (cpu or {}).items()))
         width = len(SAMPLE_FIELDS)
-        sample_rows = tuple(sorted((int(n), tuple(tuple(map(float, (tuple(r) + (0.0,) * width)[:width]))
-                                                  for r in v))
+        pad = lambda r: tuple(map(float, (tuple(r) + (0.0,) * width)[:width]))
+        sample_rows = tuple(sorted((int(n), tuple(pad(r) for r in v))
                                    for n, v in (samples or {}).items() if len(v)))
         return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows,
                    sample_rows).validate()

@@ -173,7 +173,8 @@ def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
     dense_elem_s = dense_touch_s = 0.0
     if meta.num_dense_layers:
         elems = tokens * (hidden + meta.dense_ffn_size)
-        gemm = lambda s: dense_layer_time(meta, hw, tokens, 1, s["m"]).compute_s   # no touch
+        # GEMM and weight stream only: hw has no dense terms yet
+        gemm = lambda s: dense_layer_time(meta, hw, tokens, 0, s["m"]).compute_s
         dense_elem_s = max(float(np.median([s["measured"][0] - gemm(s) for s in runs["warm"]]))
                            / elems, 0.0)
         cold = runs["cold"]
