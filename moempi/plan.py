@@ -296,7 +296,7 @@ Examples:
               help=f"Vary one of {', '.join(SWEEP_KEYS)} and print one row per value.")
 @click.option("--validate", "validate_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Output HDF5 of a real run (repeat the option for repeats of the same run: "
-                   "the fastest counts): predict it with --hardware and print predicted vs "
+                   "their median counts): predict it with --hardware and print predicted vs "
                    "measured time per layer and the errors.  Other layout options are ignored.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the figures as JSON to this file ('-' for stdout).")
