@@ -231,8 +231,11 @@ def inspect(output, plot_dir):
               help="Micro-batches in flight for the overlapped run.")
 @click.option("--calibration", type=click.Path(dir_okay=False),
               help="Write the measured figures here (JSON) for `moempi plan --hardware`.")
+@click.option("--add", is_flag=True,
+              help="For `calibrate`: add this process to the file's earlier calibrations at this "
+                   "rank count and keep the median of each figure (else start it afresh).")
 @click.option("--quick", is_flag=True, help="Small shapes (seconds), for tests.")
-def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
+def bench(what, tokens, layers, micro_batches, calibration, add, quick, backend):
     """Microbenchmarks under MPI, as ratios measured in one run:  mpiexec -n 2 moempi bench.
 
     \b
@@ -240,7 +243,10 @@ def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
     exchange   dispatch+combine vs a raw mpi4py Alltoallv of the same bytes
     overlap    overlapped vs blocking layer time on the real shape (H 7168, F 2048) and on a
                communication-heavy shape (F chosen so compute and exchange take similar time)
-    calibrate  GEMM rate, Alltoallv latency and bandwidth -> --calibration FILE for `plan`
+    calibrate  this machine for `plan --hardware`, in a fresh process: GEMM and weight-read
+               rates, Alltoallv latency and bandwidth, the runner's per-token, per-micro-batch,
+               dense-layer and first-pass costs, fitted on runs of the real runner (H 768,
+               F 512) -> --calibration FILE; `all` writes only the GEMM and Alltoallv figures
     place      the placement benchmark (no MPI needed)
     gpu        expert MLP vs plain BF16 matmul, 61-layer forward on one GPU, overlap % with
                all ranks sharing the GPU (what `make gpu-check` runs)
@@ -251,12 +257,12 @@ def bench(what, tokens, layers, micro_batches, calibration, quick, backend):
 
     world = MPI.COMM_WORLD
     try:
-        _bench(world, what, tokens, layers, micro_batches, calibration, quick, backend)
+        _bench(world, what, tokens, layers, micro_batches, calibration, add, quick, backend)
     except BaseException as exc:
         _end_job(world, exc)
 
 
-def _bench(world, what, tokens, layers, micro_batches, calibration, quick, backend):
+def _bench(world, what, tokens, layers, micro_batches, calibration, add, quick, backend):
     from . import bench as b
     from .heap import keep_freed_memory
     keep_freed_memory()              # as `moempi run` does
@@ -264,6 +270,13 @@ def _bench(world, what, tokens, layers, micro_batches, calibration, quick, backe
     def echo(msg):
         if world.rank == 0:
             click.echo(msg)
+
+    if what == "calibrate":          # first thing: its cold pass is this fresh process's
+        if not calibration:
+            raise MoempiError("bench calibrate: give --calibration FILE to write")
+        from .perf_validate import calibrate
+        calibrate(world, calibration, echo, add=add)
+        return
 
     if what == "balance":
         b.bench_balance(world, echo, quick)
@@ -291,7 +304,7 @@ def _bench(world, what, tokens, layers, micro_batches, calibration, quick, backe
         heavy_ffn = b.comm_heavy_ffn(world, hidden, tokens)
         b.bench_overlap(world, b.Shape("comm-heavy", hidden, heavy_ffn, tokens, layers), echo,
                         micro_batches)
-    if what in ("all", "calibrate"):
+    if what == "all":
         b.calibrate(world, echo, calibration)
 
 

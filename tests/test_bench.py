@@ -35,3 +35,19 @@ def test_bench_balance_quick():
 def test_bench_place_quick():
     proc = moempi("bench", "place", "--quick", timeout=120)
     assert "locality" in proc.stdout
+
+
+def test_bench_calibrate_writes_what_plan_takes(tmp_path):
+    """The runner's calibration through `moempi bench`, a second process added (medians),
+    and `plan --hardware` on the file."""
+    from moempi.perf import Calibration
+    cal = tmp_path / "cal.json"
+    mpirun(2, "bench", "calibrate", "--calibration", cal, timeout=120)
+    mpirun(2, "bench", "calibrate", "--calibration", cal, "--add", timeout=120)
+    c = Calibration.load(str(cal))
+    assert [row[0] for row in c.alltoall] == [2] and c.gemm_flops > 0
+    assert dict(c.samples)[2] and len(dict(c.samples)[2]) == 2 and c.cpu
+    proc = moempi("plan", "--hardware", cal, "--ep", 2, "--tokens-per-gpu", 256)
+    assert "forward" in proc.stdout
+    missing = mpirun(2, "bench", "calibrate", check=False, timeout=60)
+    assert missing.returncode != 0 and "give --calibration FILE" in missing.stderr

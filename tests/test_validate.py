@@ -60,8 +60,7 @@ def measured(tmp_path_factory):
     outputs = {c: [] for c in CONFIGS}
     for i in range(CALIBRATIONS):
         for p in RANKS:
-            mpirun(p, "-m", "moempi.perf_validate", "--calibration", cal,
-                   *(["--add"] if i else []), python=True)
+            mpirun(p, "bench", "calibrate", "--calibration", cal, *(["--add"] if i else []))
     for rep in range(REPEATS):
         for p, name, overlap in CONFIGS:
             out = d / f"{name}-{p}-{'ov' if overlap else 'block'}-{rep}.h5"
