@@ -53,8 +53,10 @@ class Check:
                                   timeout=limit, env={**os.environ, **MPI_ENV,
                                                       "MPIEXEC_TIMEOUT": str(int(limit)),
                                                       **(env or {})})
-        except subprocess.TimeoutExpired as exc:
-            self.say(f"  TIMEOUT after {limit:.0f} s\n{exc.stdout or ''}{exc.stderr or ''}")
+        except subprocess.TimeoutExpired as exc:    # its output may come back as bytes
+            text = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o
+                           for o in (exc.stdout or "", exc.stderr or ""))
+            self.say(f"  TIMEOUT after {limit:.0f} s\n{text}")
             return None
         self.say(proc.stdout + proc.stderr + f"  (exit {proc.returncode})")
         return proc
