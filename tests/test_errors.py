@@ -52,20 +52,23 @@ def test_missing_dataset(files, tmp_path):
                    "missing dataset /layers/003/gate")
 
 
-def test_wrong_shape(files, tmp_path):
+def model_with(files, tmp_path, name: str, value: np.ndarray):
+    """A copy of the test model with dataset ``name`` replaced by ``value``."""
     model = copy_model(files, tmp_path)
     with h5py.File(model, "a") as f:
-        del f["layers/002/norm"]
-        f["layers/002/norm"] = np.ones(63, dtype=np.float32)
+        del f[name]
+        f[name] = value
+    return model
+
+
+def test_wrong_shape(files, tmp_path):
+    model = model_with(files, tmp_path, "layers/002/norm", np.ones(63, dtype=np.float32))
     expect_failure(tmp_path, 2, ["--model", model, "--tokens", files / "tok.h5"],
                    "/layers/002/norm has shape (63,), expected (64,)")
 
 
 def test_wrong_dtype(files, tmp_path):
-    model = copy_model(files, tmp_path)
-    with h5py.File(model, "a") as f:
-        del f["layers/001/norm"]
-        f["layers/001/norm"] = np.ones(64, dtype=np.int32)
+    model = model_with(files, tmp_path, "layers/001/norm", np.ones(64, dtype=np.int32))
     expect_failure(tmp_path, 2, ["--model", model, "--tokens", files / "tok.h5"],
                    "unsupported dtype int32")
 

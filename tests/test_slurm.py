@@ -157,6 +157,13 @@ def completed(job: dict, log: Path) -> None:
                                            f"{log_text(log)}"
 
 
+def reference_output(out: Path, ref: np.ndarray) -> h5py.File:
+    """``out`` exists and its hidden states are the reference's; the file, open, for more checks."""
+    assert out.exists(), f"no {out.name} in {sorted(p.name for p in out.parent.iterdir())}"
+    assert rel_l2(hidden(out), ref) <= EXACT
+    return h5py.File(out, "r")
+
+
 # -- the scripts under Slurm ------------------------------------------------------------------
 def test_sbatch_mpiexec_inside_allocation(cluster, inputs, tmp_path):
     """jobs/moempi-mpirun.sbatch: the venv's mpiexec (Hydra) starts 2 ranks through Slurm."""
@@ -167,9 +174,7 @@ def test_sbatch_mpiexec_inside_allocation(cluster, inputs, tmp_path):
     [state] = cluster.wait(job, logs=[log])
     completed(state, log)
     out = tmp_path / f"moempi-{job}.h5"                  # default output: moempi-{job}.h5
-    assert out.exists(), f"no {out.name} in {sorted(p.name for p in tmp_path.iterdir())}"
-    assert rel_l2(hidden(out), ref) <= EXACT
-    with h5py.File(out, "r") as f:
+    with reference_output(out, ref) as f:
         assert f.attrs["world_size"] == 2
     assert "world check: 2 ranks" in log_text(log)
 
@@ -186,9 +191,7 @@ def test_srun_pmi2_direct(cluster, inputs, tmp_path):
     completed(state, log)
     assert "gres:gpu:1" in state.get("TresPerTask", ""), state    # the header's --gpus-per-task
     out = tmp_path / f"srun-{job}.h5"
-    assert out.exists(), f"no {out.name} in {sorted(p.name for p in tmp_path.iterdir())}"
-    assert rel_l2(hidden(out), ref) <= EXACT
-    with h5py.File(out, "r") as f:
+    with reference_output(out, ref) as f:
         assert f.attrs["world_size"] == 3
     assert "world check: 3 ranks" in log_text(log)
 
@@ -209,9 +212,7 @@ def test_array_sweep(cluster, inputs, tmp_path):
     for i, (state, log) in enumerate(zip(states, logs)):
         completed(state, log)
         out = tmp_path / f"moempi-sweep-{job}_{i}.h5"
-        assert out.exists(), f"no {out.name} in {sorted(p.name for p in tmp_path.iterdir())}"
-        assert rel_l2(hidden(out), ref) <= EXACT
-        with h5py.File(out, "r") as f:
+        with reference_output(out, ref) as f:
             config = json.loads(f.attrs["config"])
             assert config["pipeline"]["micro_batches"] == i + 1
             assert int(f.attrs["micro_batches"]) == i + 1
