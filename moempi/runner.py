@@ -46,9 +46,9 @@ class Setup:
 def prepare(cfg: Config, ep: int) -> Setup:
     """Rank 0: validate model metadata and datasets, tokens, placement and output path."""
     run = cfg.run
-    meta = hdf5.read_model_meta(run.model)
-    with hdf5.ModelReader(run.model) as reader:
-        hdf5.check_model_datasets(reader.file, meta, run.model)
+    with hdf5.open_h5(run.model, "model") as f:      # one open: metadata, then every dataset
+        meta = hdf5.meta_from_file(f, run.model)
+        hdf5.check_model_datasets(f, meta, run.model)
     num_tokens, hidden = hdf5.tokens_shape(run.tokens)
     if hidden != meta.hidden_size:
         raise MoempiError(f"{run.tokens}: tokens have hidden size {hidden} but the model "
