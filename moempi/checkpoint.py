@@ -86,33 +86,29 @@ class Checkpoint:
              routing: dict | None, tel, history: dict, bias_next: np.ndarray) -> None:
         """Batch ``batch`` is done: this rank's rows ``rows`` start at shard row ``lo``."""
         world = self.world
-        counts = world.gather(len(rows), root=0)
-        los = world.gather(lo, root=0)
+        placed = world.gather((len(rows), lo), root=0)      # this batch's rows, first shard row
         state = {name: parallel.gather_stack(world, getattr(tel, name)) for name in STATE}
-        f = tmp = None
+        f = tmp = ds = offsets = None
         if world.rank == 0:
             final = _batch_file(self.path, batch)
             tmp = final + ".partial"
             f = h5py.File(tmp, "w")
             f.attrs.update(fingerprint=self.expected, batch=batch, micro_batches=micro_batches,
                            num_batches=self.num_batches)
+            counts, los = zip(*placed)
             f["rank_rows"] = np.array(counts)               # rows of each rank in this batch
             f["rank_lo"] = np.array(los)                    # their first row within the shard
             offsets = np.concatenate([[0], np.cumsum(counts)])
             ds = f.create_dataset("hidden", (int(offsets[-1]), rows.shape[1]), "f4")
         try:
-            sink = (lambda r, i, chunk: ds.__setitem__(slice(offsets[r] + i, offsets[r] + i + len(chunk)), chunk)) \
-                if f else None
-            parallel.stream_rows_to_root(world, rows, sink)
+            parallel.stream_rows_to_dataset(world, rows, ds, offsets)
             if routing is not None:
                 for m, arrays in routing.items():
                     for name, arr in zip(("topk_idx", "dest_rank"), arrays):
                         part = arr[lo:lo + len(rows)]
                         rds = f.create_dataset(f"routing/{m}/{name}", (int(offsets[-1]), part.shape[1]),
                                                "i4") if f else None
-                        parallel.stream_rows_to_root(
-                            world, part, (lambda r, i, chunk, rds=rds: rds.__setitem__(
-                                slice(offsets[r] + i, offsets[r] + i + len(chunk)), chunk)) if f else None)
+                        parallel.stream_rows_to_dataset(world, part, rds, offsets)
             if f:
                 for name, data in state.items():
                     f[f"state/{name}"] = data

@@ -119,6 +119,18 @@ def stream_rows_to_root(comm: MPI.Comm, rows: np.ndarray, sink, chunk_bytes: int
             comm.Send(rows[start:start + step], dest=0, tag=7)
 
 
+def stream_rows_to_dataset(comm: MPI.Comm, rows: np.ndarray, ds, starts) -> None:
+    """:func:`stream_rows_to_root` into ``ds`` on rank 0, rank ``r``'s rows from row ``starts[r]``.
+
+    ``ds`` (an HDF5 dataset or array, rows first) and ``starts`` are used on rank 0 only.
+    """
+    def sink(rank, start, chunk):
+        first = starts[rank] + start
+        ds[first:first + len(chunk)] = chunk
+
+    stream_rows_to_root(comm, rows, sink)
+
+
 def fail(comm: MPI.Comm, exc: BaseException) -> None:
     """An unexpected failure on this rank: say so on stderr and abort the whole job now."""
     msg = str(exc) if isinstance(exc, MoempiError) else \

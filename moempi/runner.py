@@ -328,24 +328,18 @@ def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.nd
 def _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_expert, rows,
                routing) -> None:
     num_tokens = world.allreduce(len(hidden))
-    starts = world.allgather(shard(num_tokens, world.rank, world.size)[0])
+    starts = [shard(num_tokens, r, world.size)[0] for r in range(world.size)]
     ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4") if writer else None
-    parallel.stream_rows_to_root(world, hidden,
-                                 lambda r, i, chunk: ds.__setitem__(
-                                     slice(starts[r] + i, starts[r] + i + len(chunk)), chunk))
+    parallel.stream_rows_to_dataset(world, hidden, ds, starts)
     if routing is not None:
         home = np.full(len(hidden), world.rank, dtype=np.int32)
         hds = writer.dataset("routing/home_rank", (num_tokens,), "i4") if writer else None
-        parallel.stream_rows_to_root(world, home, lambda r, i, chunk: hds.__setitem__(
-            slice(starts[r] + i, starts[r] + i + len(chunk)), chunk))
+        parallel.stream_rows_to_dataset(world, home, hds, starts)
         for m, layer in enumerate(meta.moe_layers):
             for name, arr in zip(("topk_idx", "dest_rank"), routing[m]):
                 rds = (writer.dataset(f"routing/{layer:03d}/{name}", (num_tokens, meta.top_k),
                                       "i4") if writer else None)
-                parallel.stream_rows_to_root(world, arr, lambda r, i, chunk, rds=rds:
-                                             rds.__setitem__(slice(starts[r] + i,
-                                                                   starts[r] + i + len(chunk)),
-                                                             chunk))
+                parallel.stream_rows_to_dataset(world, arr, rds, starts)
     if not writer:
         return
     P = world.size
