@@ -317,7 +317,6 @@ def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.nd
                          definition="max(load) / mean(load) - 1")
             writer.array("stats/rerouted", rerouted, dims="moe layer")
             writer.array("stats/dropped", dropped, dims="moe layer")
-        if writer:
             writer.commit()
     except BaseException:
         if writer:
