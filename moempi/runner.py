@@ -103,9 +103,10 @@ def shard(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
     return num_tokens * rank // size, num_tokens * (rank + 1) // size
 
 
-def choose_micro_batches(cfg: Config, comm: MPI.Comm, meta: ModelMeta, weights,
-                         tokens_per_rank: int, gpu: bool = False) -> tuple[int, dict]:
-    """The micro-batch count: the config's, or the performance model's choice from a probe."""
+def choose_micro_batches(cfg: Config, comm: MPI.Comm, meta: ModelMeta, tokens_per_rank: int,
+                         gpu: bool = False) -> tuple[int, dict]:
+    """The micro-batch count: the config's, or the performance model's choice from a probe
+    (this rank's; the caller broadcasts rank 0's)."""
     if cfg.pipeline.micro_batches:
         return cfg.pipeline.micro_batches, {}
     if not cfg.pipeline.overlap:
@@ -120,15 +121,14 @@ def choose_micro_batches(cfg: Config, comm: MPI.Comm, meta: ModelMeta, weights,
     # overlap hides: the model's fixed cost per micro-batch and layer.  On the CPU backend
     # all of it is host work on the cores that compute (the copies too), so none is hidden.
     overhead = step if not gpu else max(0.0, step - EXCHANGE_PHASES * latency)
-    gemm_flops = probe_gemm(weights, meta)
+    gemm_flops = probe_gemm(meta)
     m = model_choice(tokens_per_rank, meta, comm.size, gemm_flops, latency, bandwidth,
                      wire_bytes, cfg.pipeline.max_micro_batches, overhead) if tokens_per_rank else 1
-    m = comm.bcast(int(max(1, m)), root=0)
-    return m, {"latency_s": latency, "exchange_step_s": step, "bandwidth_Bps": bandwidth,
-               "gemm_flops": gemm_flops}
+    return int(max(1, m)), {"latency_s": latency, "exchange_step_s": step,
+                            "bandwidth_Bps": bandwidth, "gemm_flops": gemm_flops}
 
 
-def probe_gemm(weights, meta: ModelMeta, rows: int = 64) -> float:
+def probe_gemm(meta: ModelMeta, rows: int = 64) -> float:
     """Achieved expert-MLP FLOP/s of this rank on ``rows`` tokens (best of 3)."""
     w_in = np.zeros((meta.hidden_size, meta.moe_ffn_size), dtype=np.float32)
     w_out = np.zeros((meta.moe_ffn_size, meta.hidden_size), dtype=np.float32)
@@ -196,7 +196,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     if resumed_micro:            # the same micro-batches as before: the same arithmetic
         micro_batches, probe = resumed_micro, {}
     else:
-        micro_batches, probe = choose_micro_batches(cfg, comm, meta, weights, min(batch, max_local),
+        micro_batches, probe = choose_micro_batches(cfg, comm, meta, min(batch, max_local),
                                                     backend.gpu)
         micro_batches = world.bcast(micro_batches, root=0)   # one count for every replica
     mode = "overlapped" if cfg.pipeline.overlap else "blocking"
