@@ -38,13 +38,17 @@ def _batch_file(path: str, batch: int) -> str:
     return os.path.join(path, f"batch-{batch:05d}.h5")
 
 
-def scan(path: str, expected: str) -> dict:
-    """Rank 0: the completed batches in ``path`` (contiguous from 0) and their run's settings."""
-    if not os.path.isdir(path):
-        return {"done": 0, "micro_batches": 0}
+def _count_done(path: str) -> int:
+    """The completed batches in ``path``: files ``0, 1, ...`` up to the first missing one."""
     done = 0
     while os.path.exists(_batch_file(path, done)):
         done += 1
+    return done
+
+
+def scan(path: str, expected: str) -> dict:
+    """Rank 0: the completed batches in ``path`` (contiguous from 0) and their run's settings."""
+    done = _count_done(path)
     if done == 0:
         return {"done": 0, "micro_batches": 0}
     last = _batch_file(path, done - 1)
@@ -61,9 +65,7 @@ def scan(path: str, expected: str) -> dict:
 
 def checkpoint_complete(path: str) -> bool:
     """Whether ``path`` holds every batch of its run (the run finished; only clean-up was left)."""
-    done = 0
-    while os.path.exists(_batch_file(path, done)):
-        done += 1
+    done = _count_done(path)
     if not done:
         return False
     try:
