@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import MoempiError
 from .readers import read_json
-from .memory import check_fits, experts_per_gpu, memory_per_gpu, smallest_fitting_tp
+from .memory import experts_per_gpu, memory_per_gpu, smallest_fitting_tp
 from .shapes import ModelMeta
 from .topology import Topology
 
@@ -594,7 +594,7 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
 
 
 __all__ = ["Calibration", "Forecast", "Hardware", "LayerTimes", "Layout", "Traffic",
-           "best_micro_batches", "check_fits", "choose_micro_batches", "dense_layer_time",
+           "best_micro_batches", "choose_micro_batches", "dense_layer_time",
            "forward_time", "layer_time", "memory_per_gpu", "pipeline_time", "smallest_fitting_tp",
            "touch_shares",
            "trace_pairs", "traffic_from_pairs", "uniform_pairs"]
