@@ -103,29 +103,28 @@ class Calibration:
     gemm_flops: float                              # achieved GEMM FLOP/s of one rank
     gemm_dtype: str
     alltoall: tuple[tuple[int, float, float], ...]
-    cpu: tuple[tuple[int, float, float, float, float, float, float, float], ...] = ()
+    cpu: tuple[tuple[float, ...], ...] = ()       # (num_ranks, *CPU_FIELDS) rows
     samples: tuple[tuple[int, tuple[tuple[float, ...], ...]], ...] = ()
 
     @classmethod
     def from_measurements(cls, gemm_flops: float, alltoall: dict[int, tuple[float, float]],
                           machine: str, gemm_dtype: str = "float32",
                           cpu: dict[int, tuple] | None = None,
-                          samples: dict[int, list] | None = None) -> "Calibration":
+                          samples: dict[int, list] | None = None,
+                          source: str = "calibration") -> "Calibration":
         """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``; ``cpu``
         a rank count to ``(gemm_flops, weight_Bps, token_elem_s, micro_batch_s[,
         first_touch_s, dense_elem_s, dense_touch_s, first_touch_head])`` (0 those left out);
         ``samples`` a rank count to its
-        calibration processes' rows of :data:`SAMPLE_FIELDS` (kept as given)."""
+        calibration processes' rows of :data:`SAMPLE_FIELDS` (kept as given); ``source``
+        names the file in errors."""
         rows = tuple(sorted((int(n), float(lat), float(bw)) for n, (lat, bw) in alltoall.items()))
-        cpu_rows = tuple(sorted((int(n), *map(float, (tuple(v) + (0.0,) * len(CPU_FIELDS))
-                                                      [:len(CPU_FIELDS)]))
+        cpu_rows = tuple(sorted((int(n), *_padded(v, len(CPU_FIELDS)))
                                 for n, v in (cpu or {}).items()))
-        width = len(SAMPLE_FIELDS)
-        pad = lambda r: tuple(map(float, (tuple(r) + (0.0,) * width)[:width]))
-        sample_rows = tuple(sorted((int(n), tuple(pad(r) for r in v))
+        sample_rows = tuple(sorted((int(n), tuple(_padded(r, len(SAMPLE_FIELDS)) for r in v))
                                    for n, v in (samples or {}).items() if len(v)))
         return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows,
-                   sample_rows).validate()
+                   sample_rows).validate(source)
 
     def validate(self, source: str = "calibration") -> "Calibration":
         if not self.gemm_flops > 0:
@@ -149,10 +148,7 @@ class Calibration:
     def alltoall_at(self, num_ranks: int) -> tuple[float, float]:
         """(latency_s, bandwidth_Bps) at ``num_ranks``: measured, else linear in log2(ranks)
         between the neighbouring measurements, clamped to the measured range."""
-        ranks = np.log2([r[0] for r in self.alltoall])
-        x = math.log2(max(num_ranks, 1))
-        return (float(np.interp(x, ranks, [r[1] for r in self.alltoall])),
-                float(np.interp(x, ranks, [r[2] for r in self.alltoall])))
+        return _interp_rows(self.alltoall, num_ranks)
 
     def cpu_at(self, num_ranks: int) -> tuple[float, ...]:
         """The :data:`CPU_FIELDS` (gemm_flops, weight_Bps, token_elem_s, ...) at
@@ -160,10 +156,7 @@ class Calibration:
         ``(gemm_flops, 0, ...)``."""
         if not self.cpu:
             return (self.gemm_flops,) + (0.0,) * (len(CPU_FIELDS) - 1)
-        x = math.log2(max(num_ranks, 1))
-        ranks = np.log2([r[0] for r in self.cpu])
-        return tuple(float(np.interp(x, ranks, [r[i] for r in self.cpu]))
-                     for i in range(1, len(CPU_FIELDS) + 1))
+        return _interp_rows(self.cpu, num_ranks)
 
     def hardware(self, num_ranks: int, topo: Topology) -> Hardware:
         """Measured figures at ``num_ranks``; GPUs per node and memory from ``topo``."""
@@ -211,10 +204,23 @@ class Calibration:
             return cls.from_measurements(float(data["gemm_flops"]), alltoall,
                                          str(data.get("machine", "")),
                                          str(data.get("gemm_dtype", "float32")),
-                                         cpu, samples).validate(path)
+                                         cpu, samples, source=path)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MoempiError(f"{path}: needs gemm_flops and alltoall "
                               "{ranks: {latency_s, bandwidth_Bps}}") from None
+
+
+def _padded(row, width: int) -> tuple[float, ...]:
+    """``row`` as ``width`` floats: cut, or padded with 0 (figures an older file lacks)."""
+    return tuple(map(float, (tuple(row) + (0.0,) * width)[:width]))
+
+
+def _interp_rows(rows, num_ranks: int) -> tuple[float, ...]:
+    """Columns 1.. of ``(num_ranks, ...)`` ``rows`` at ``num_ranks``: linear in log2(ranks)
+    between the neighbouring rows, clamped to the rows' range."""
+    x = math.log2(max(num_ranks, 1))
+    ranks = np.log2([r[0] for r in rows])
+    return tuple(float(np.interp(x, ranks, [r[i] for r in rows])) for i in range(1, len(rows[0])))
 
 
 # -- traffic ------------------------------------------------------------------------------
