@@ -209,12 +209,12 @@ def run_plan(meta: ModelMeta, topo: Topology, layout: Layout, calibration: Calib
     hw = (calibration.hardware(layout.ep * layout.tp, topo) if calibration
           else Hardware.from_topology(topo, source))
     layout.validate(hw.gpus_per_node)
+    if placement is not None and placement.num_ranks != layout.ep:
+        raise MoempiError(f"--placement: it is for {placement.num_ranks} ranks, the plan "
+                          f"has ep = {layout.ep}")
     traffic = None
     if trace is not None or placement is not None:
-        if placement is None or placement.num_ranks != layout.ep:
-            if placement is not None:
-                raise MoempiError(f"--placement: it is for {placement.num_ranks} ranks, the plan "
-                                  f"has ep = {layout.ep}")
+        if placement is None:
             placement = Placement.default(meta.num_experts, layout.ep, meta.moe_layers,
                                           max(hw.gpus_per_node // layout.tp, 1))
         placement.validate(layout.ep, meta.num_experts, allow_packing=True)
@@ -235,12 +235,17 @@ def _validate(paths, hardware_path, topology_path, json_path) -> None:
     rows = predict_runs(list(paths), Calibration.load(hardware_path), topo)
     click.echo(format_table(rows))
     if json_path:
-        text = json.dumps({"layers": rows, "summary": summarize(rows)}, indent=1)
-        if json_path == "-":
-            click.echo(text)
-        else:
-            with open(json_path, "w") as f:
-                f.write(text + "\n")
+        _write_json({"layers": rows, "summary": summarize(rows)}, json_path)
+
+
+def _write_json(payload: dict, json_path: str) -> None:
+    """``--json``: the figures to ``json_path``, or to stdout for ``-``."""
+    text = json.dumps(payload, indent=1)
+    if json_path == "-":
+        click.echo(text)
+    else:
+        with open(json_path, "w") as f:
+            f.write(text + "\n")
 
 
 HELP = """Forecast a moempi forward pass on a cluster you may not have yet: per-layer expert
@@ -353,11 +358,6 @@ def plan(model, preset, topology_path, hardware_path, ep, tp, dp, tokens_per_gpu
             click.echo(describe(meta, name, fc))
             payload = {"model": name, **fc.to_dict()}
         if json_path:
-            text = json.dumps(payload, indent=1)
-            if json_path == "-":
-                click.echo(text)
-            else:
-                with open(json_path, "w") as f:
-                    f.write(text + "\n")
+            _write_json(payload, json_path)
     except MoempiError as exc:
         raise click.ClickException(str(exc)) from None
