@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -15,6 +16,8 @@ from .shapes import ModelMeta
 MODEL_FORMAT = "moempi-model"
 MODEL_VERSION = 1
 BF16 = "bfloat16"
+INT_ATTRS = ("hidden_size", "moe_ffn_size", "dense_ffn_size", "num_layers", "num_dense_layers",
+             "num_experts", "top_k")                 # a model's integer root attributes
 
 
 # -- the BF16 codec: uint16 bit patterns with attribute encoding = "bfloat16" -------------
@@ -94,23 +97,21 @@ def meta_from_file(f: h5py.File, path: str) -> ModelMeta:
     if version != MODEL_VERSION:
         raise MoempiError(f"{path}: model version {version} is not supported "
                           f"(this moempi reads version {MODEL_VERSION})")
-    values = {}
-    for name in ("hidden_size", "moe_ffn_size", "dense_ffn_size", "num_layers",
-                 "num_dense_layers", "num_experts", "top_k"):
-        values[name] = _attr(f, name, int, path)
+    values = {name: _attr(f, name, int, path) for name in INT_ATTRS}
     values["activation"] = _attr(f, "activation", str, path)
     values["norm_eps"] = _attr(f, "norm_eps", float, path)
     values["norm_topk_prob"] = _attr(f, "norm_topk_prob", bool, path)
     values["has_final_norm"] = "final_norm" in f
     meta = ModelMeta(**values).validate(source=path)
-    dtype = None
+    # the weight dtype: the first expert matrix's, else the first dense one's
     if meta.num_layers > meta.num_dense_layers:
-        ds = _dataset(f, f"layers/{meta.num_dense_layers:03d}/experts/w_in", path)
-        dtype = check_dtype(ds, f"{path}:/{ds.name.lstrip('/')}")
+        first = f"layers/{meta.num_dense_layers:03d}/experts/w_in"
     elif meta.num_layers:
-        ds = _dataset(f, "layers/000/mlp/w_in", path)
-        dtype = check_dtype(ds, f"{path}:/{ds.name.lstrip('/')}")
-    return meta.replace(weight_dtype=dtype or BF16)
+        first = "layers/000/mlp/w_in"
+    else:
+        return meta.replace(weight_dtype=BF16)
+    ds = _dataset(f, first, path)
+    return meta.replace(weight_dtype=check_dtype(ds, f"{path}:/{ds.name.lstrip('/')}"))
 
 
 def read_model_meta(path: str) -> ModelMeta:
@@ -217,42 +218,35 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None) -> Non
             else:
                 ds[i] = data
 
-    tmp = _partial_name(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = MODEL_FORMAT
-            f.attrs["version"] = MODEL_VERSION
-            for name in ("hidden_size", "moe_ffn_size", "dense_ffn_size", "num_layers",
-                         "num_dense_layers", "num_experts", "top_k"):
-                f.attrs[name] = int(getattr(meta, name))
-            f.attrs["activation"] = meta.activation
-            f.attrs["norm_eps"] = float(meta.norm_eps)
-            f.attrs["norm_topk_prob"] = bool(meta.norm_topk_prob)
-            for l in range(meta.num_layers):
-                g = f"layers/{l:03d}"
-                put(f, f"{g}/norm", (H,),
-                    lambda _, l=l: 1 + 0.1 * _rng(seed, l, 0).standard_normal(H))
-                if meta.is_moe(l):
-                    put(f, f"{g}/gate", (H, E),
-                        lambda _, l=l: _rng(seed, l, 1).standard_normal((H, E)) * (2 / H**0.5))
-                    put(f, f"{g}/experts/w_in", (E, H, F),
-                        lambda e, l=l: _rng(seed, l, 2, e).standard_normal((H, F)) / H**0.5)
-                    put(f, f"{g}/experts/w_out", (E, F, H),
-                        lambda e, l=l: _rng(seed, l, 3, e).standard_normal((F, H)) / F**0.5)
-                else:
-                    put(f, f"{g}/mlp/w_in", (H, Fd),
-                        lambda _, l=l: _rng(seed, l, 4).standard_normal((H, Fd)) / H**0.5)
-                    put(f, f"{g}/mlp/w_out", (Fd, H),
-                        lambda _, l=l: _rng(seed, l, 5).standard_normal((Fd, H)) / Fd**0.5)
-                if progress:
-                    progress(l + 1, meta.num_layers)
-            if meta.has_final_norm:
-                put(f, "final_norm", (H,),
-                    lambda _: 1 + 0.1 * _rng(seed, meta.num_layers, 0).standard_normal(H))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _write_atomically(path) as f:
+        f.attrs["format"] = MODEL_FORMAT
+        f.attrs["version"] = MODEL_VERSION
+        for name in INT_ATTRS:
+            f.attrs[name] = int(getattr(meta, name))
+        f.attrs["activation"] = meta.activation
+        f.attrs["norm_eps"] = float(meta.norm_eps)
+        f.attrs["norm_topk_prob"] = bool(meta.norm_topk_prob)
+        for l in range(meta.num_layers):
+            g = f"layers/{l:03d}"
+            put(f, f"{g}/norm", (H,),
+                lambda _, l=l: 1 + 0.1 * _rng(seed, l, 0).standard_normal(H))
+            if meta.is_moe(l):
+                put(f, f"{g}/gate", (H, E),
+                    lambda _, l=l: _rng(seed, l, 1).standard_normal((H, E)) * (2 / H**0.5))
+                put(f, f"{g}/experts/w_in", (E, H, F),
+                    lambda e, l=l: _rng(seed, l, 2, e).standard_normal((H, F)) / H**0.5)
+                put(f, f"{g}/experts/w_out", (E, F, H),
+                    lambda e, l=l: _rng(seed, l, 3, e).standard_normal((F, H)) / F**0.5)
+            else:
+                put(f, f"{g}/mlp/w_in", (H, Fd),
+                    lambda _, l=l: _rng(seed, l, 4).standard_normal((H, Fd)) / H**0.5)
+                put(f, f"{g}/mlp/w_out", (Fd, H),
+                    lambda _, l=l: _rng(seed, l, 5).standard_normal((Fd, H)) / Fd**0.5)
+            if progress:
+                progress(l + 1, meta.num_layers)
+        if meta.has_final_norm:
+            put(f, "final_norm", (H,),
+                lambda _: 1 + 0.1 * _rng(seed, meta.num_layers, 0).standard_normal(H))
 
 
 # -- tokens ----------------------------------------------------------------------------
@@ -265,21 +259,15 @@ def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
     if num_tokens < 1 or hidden < 1:
         raise MoempiError("make-tokens: --num-tokens and the hidden size must be >= 1")
     np_dtype = np.uint16 if dtype == BF16 else np.dtype(dtype)
-    tmp = _partial_name(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("tokens", shape=(num_tokens, hidden), dtype=np_dtype,
-                                  chunks=(min(num_tokens, max(1, 2**20 // hidden)), hidden))
-            if dtype == BF16:
-                ds.attrs["encoding"] = BF16
-            for i, start in enumerate(range(0, num_tokens, TOKEN_CHUNK)):
-                stop = min(start + TOKEN_CHUNK, num_tokens)
-                x = _rng(seed, 1 << 20, i).standard_normal((stop - start, hidden))
-                ds[start:stop] = bf16_bits(x) if dtype == BF16 else x.astype(np_dtype)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _write_atomically(path) as f:
+        ds = f.create_dataset("tokens", shape=(num_tokens, hidden), dtype=np_dtype,
+                              chunks=(min(num_tokens, max(1, 2**20 // hidden)), hidden))
+        if dtype == BF16:
+            ds.attrs["encoding"] = BF16
+        for i, start in enumerate(range(0, num_tokens, TOKEN_CHUNK)):
+            stop = min(start + TOKEN_CHUNK, num_tokens)
+            x = _rng(seed, 1 << 20, i).standard_normal((stop - start, hidden))
+            ds[start:stop] = bf16_bits(x) if dtype == BF16 else x.astype(np_dtype)
 
 
 def tokens_shape(path: str) -> tuple[int, int]:
@@ -311,6 +299,20 @@ def read_tokens(path: str, start: int, stop: int) -> np.ndarray:
 def _partial_name(path: str) -> str:
     head, tail = os.path.split(os.path.abspath(path))
     return os.path.join(head, f".{tail}.partial-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def _write_atomically(path: str):
+    """A new HDF5 file written under a temporary name and renamed to ``path`` when the block
+    ends without error: complete or absent."""
+    tmp = _partial_name(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_output_path(path: str, overwrite: bool) -> None:
