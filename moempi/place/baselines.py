@@ -37,6 +37,14 @@ def replica_counts(tokens_per_expert: np.ndarray, num_ranks: int) -> np.ndarray:
     return counts
 
 
+def instances(tokens_per_expert: np.ndarray, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expert instances under :func:`replica_counts`: the expert of each `[S]` int64 and its
+    tokens per replica `[S]` float64."""
+    counts = replica_counts(tokens_per_expert, num_ranks)
+    inst_expert = np.repeat(np.arange(tokens_per_expert.shape[0]), counts)
+    return inst_expert, tokens_per_expert[inst_expert] / counts[inst_expert]
+
+
 def _meta_topology(topology: Topology) -> dict:
     return {"nodes": topology.nodes, "gpus_per_node": topology.gpus_per_node, "link": topology.link}
 
@@ -72,9 +80,7 @@ def eplb_layer(tokens_per_expert: np.ndarray, topology: Topology, pos: int):
     """
     num_experts = tokens_per_expert.shape[0]
     P, g = topology.num_gpus, topology.gpus_per_node
-    counts = replica_counts(tokens_per_expert, P)
-    inst_expert = np.repeat(np.arange(num_experts), counts)
-    inst_load = tokens_per_expert[inst_expert] / counts[inst_expert]
+    inst_expert, inst_load = instances(tokens_per_expert, P)
     slots = rank_slots(num_experts, P, pos)
     inst_node = _lpt(inst_load, slots.reshape(topology.nodes, g).sum(1))
     inst_rank = np.empty_like(inst_node)

@@ -34,6 +34,8 @@ Everything is deterministic: no random numbers, ties go to the lower index.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..errors import MoempiError
@@ -41,7 +43,7 @@ from ..placement import Placement
 from ..shapes import ModelMeta
 from ..topology import Topology
 from .baselines import (_lpt, _meta_topology, contiguous_placement, eplb_placement,
-                        hosts_from_instances, rank_slots, replica_counts)
+                        hosts_from_instances, instances, rank_slots)
 from .routing import RoutingTrace
 from .scoring import check_memory, evaluate, layer_key, link_loads, traffic_matrix
 
@@ -117,6 +119,7 @@ def _local_search(node_pairs: np.ndarray, inst_expert: np.ndarray, inst_node: np
         cur_max, cur_ss = loads.max(), (loads ** 2).sum()
         if cur_max <= 0:
             break
+        tol = 1e-9 * cur_max
         top3 = np.argsort(-busiest, kind="stable")[:3]
         best_move, best_key = None, None
         for x in _link_nodes(int(np.argmax(loads)), num_nodes, link):
@@ -144,7 +147,6 @@ def _local_search(node_pairs: np.ndarray, inst_expert: np.ndarray, inst_node: np
                 other = np.where((e != t) & (f != t), busiest[t], other)
             ok = np.maximum(other, np.maximum(busy_e, busy_f)) <= cap
             new_max, new_ss = new.max(1), (new ** 2).sum(1)
-            tol = 1e-9 * cur_max
             better = ok & ((new_max < cur_max - tol)
                            | ((new_max <= cur_max + tol) & (new_ss < cur_ss * (1 - 1e-12) - tol)))
             if not better.any():
@@ -236,8 +238,7 @@ def _exact_key(routing: RoutingTrace, pos: int, hosts, topology: Topology) -> tu
                                 topology))
 
 
-def _search(pairs, inst_expert, inst_node, slots, topology, max_iters):
-    node_pairs = pairs.reshape(topology.nodes, topology.gpus_per_node, -1).sum(1).astype(np.float64)
+def _search(pairs, node_pairs, inst_expert, inst_node, slots, topology, max_iters):
     inst_node = _local_search(node_pairs, inst_expert, inst_node, topology.link, max_iters)
     inst_rank = _assign_gpus(pairs.astype(np.float64), inst_expert, inst_node, slots, topology)
     return hosts_from_instances(inst_expert, inst_rank, pairs.shape[1])
@@ -248,16 +249,13 @@ def optimise_layer(routing: RoutingTrace, pos: int, topology: Topology, baseline
     pairs = routing.counts(pos)                          # [P, E], pairs per home rank, expert
     num_experts = pairs.shape[1]
     P, g = topology.num_gpus, topology.gpus_per_node
-    tokens_per_expert = pairs.sum(0)                     # [E]
-    replicas = replica_counts(tokens_per_expert, P)
-    inst_expert = np.repeat(np.arange(num_experts), replicas)
-    inst_load = tokens_per_expert[inst_expert] / replicas[inst_expert]
+    inst_expert, inst_load = instances(pairs.sum(0), P)
     slots = rank_slots(num_experts, P, pos)
     node_room = slots.reshape(topology.nodes, g).sum(1)
-    node_pairs = pairs.reshape(topology.nodes, g, num_experts).sum(1).astype(np.float64)
+    node_pairs = pairs.reshape(topology.nodes, g, num_experts).sum(1).astype(np.float64)   # [M, E]
     max_iters = 4 * inst_expert.size
     seed = _greedy_seed(node_pairs, inst_expert, inst_load, node_room, topology.link)
-    candidates = [_search(pairs, inst_expert, seed, slots, topology, max_iters)]
+    candidates = [_search(pairs, node_pairs, inst_expert, seed, slots, topology, max_iters)]
     keys = [_exact_key(routing, pos, candidates[0], topology)]
     base_keys = [_exact_key(routing, pos, hosts, topology) for hosts in baselines]
     for hosts, key in zip(baselines, base_keys):
@@ -265,7 +263,8 @@ def optimise_layer(routing: RoutingTrace, pos: int, topology: Topology, baseline
             b_expert = np.array([e for e, rs in enumerate(hosts) for _ in rs])
             b_node = np.array([r // g for rs in hosts for r in rs])
             if (np.bincount(b_node, minlength=topology.nodes) == node_room).all():
-                candidates.append(_search(pairs, b_expert, b_node, slots, topology, max_iters))
+                candidates.append(_search(pairs, node_pairs, b_expert, b_node, slots, topology,
+                                          max_iters))
                 keys.append(_exact_key(routing, pos, candidates[-1], topology))
     candidates += list(baselines)
     keys += base_keys
@@ -300,5 +299,4 @@ def place_experts(routing: RoutingTrace, topology: Topology, meta: ModelMeta,
     objective["routing"] = routing.source
     objective["baselines"] = {"contiguous": evaluate(routing, contiguous, topology, meta),
                               "eplb": evaluate(routing, eplb, topology, meta)}
-    return Placement(P, E, hosts, topology.gpus_per_node, _meta_topology(topology),
-                     objective=objective)
+    return dataclasses.replace(ours, objective=objective)
