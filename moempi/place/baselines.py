@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from ..placement import Placement, default_hosts
+from ..placement import Placement
 from ..topology import Topology
 
 
@@ -51,9 +53,8 @@ def _meta_topology(topology: Topology) -> dict:
 
 def contiguous_placement(num_experts: int, moe_layers, topology: Topology) -> Placement:
     """Expert e on rank e (DESIGN.md §2.4 default; spare ranks hold replicas round-robin)."""
-    hosts = default_hosts(num_experts, topology.num_gpus)
-    return Placement(topology.num_gpus, num_experts, {int(l): hosts for l in moe_layers},
-                     topology.gpus_per_node, _meta_topology(topology))
+    default = Placement.default(num_experts, topology.num_gpus, moe_layers, topology.gpus_per_node)
+    return dataclasses.replace(default, topology=_meta_topology(topology))
 
 
 def _lpt(weights: np.ndarray, capacity: np.ndarray) -> np.ndarray:
