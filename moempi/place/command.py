@@ -49,8 +49,7 @@ def _compare_run(path: str, topology) -> None:
     """Print predicted vs measured per-link counts of a run; fail where they differ."""
     import h5py
     from .scoring import layer_key, link_loads, traffic_matrix
-    meta = trace_model_meta(path)
-    routing = load_trace(path, meta)
+    routing = load_trace(path)
     if routing.num_ranks != topology.num_gpus:
         raise MoempiError(f"{path}: the run had {routing.num_ranks} ranks but the topology has "
                           f"{topology.num_gpus} GPUs")
@@ -63,7 +62,7 @@ def _compare_run(path: str, topology) -> None:
         config = _json_attr(f.attrs.get("config"))
         batch_tokens = int((config.get("pipeline") or {}).get("batch_tokens", 0) or 0)
         micro_batches = int(f.attrs.get("micro_batches", 1) or 1)
-    placement = Placement.from_dict(_json_attr(raw), meta.moe_layers, source=f"{path}:placement")
+    placement = Placement.from_dict(_json_attr(raw), routing.moe_layers, source=f"{path}:placement")
     if placement.num_ranks != routing.num_ranks:
         raise MoempiError(f"{path}: the placement has {placement.num_ranks} ranks but the run had "
                           f"{routing.num_ranks}; --compare-run needs one expert-parallel group")
