@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import MoempiError
 from ..placement import Placement, assign_replicas
 from ..shapes import ModelMeta
 from ..topology import Topology
@@ -128,7 +129,6 @@ def evaluate(routing: RoutingTrace, placement: Placement, topology: Topology,
 def check_memory(placement: Placement, topology: Topology, meta: ModelMeta,
                  source: str = "placement") -> None:
     """Refuse a placement whose expert weights exceed some GPU's memory."""
-    from ..errors import MoempiError
     memory = memory_per_gpu(placement, meta)
     worst = int(memory.argmax())
     if memory[worst] > topology.gpu_memory_gb * 1e9:
