@@ -36,8 +36,8 @@ import time
 import numpy as np
 
 from .errors import MoempiError
-from .perf import (Calibration, Hardware, Layout, dense_layer_time, forward_time, layer_time,
-                   traffic_from_pairs)
+from .perf import (COMPUTE_WEIGHT_BYTES, WIRE_BYTES, Calibration, Hardware, Layout,
+                   dense_layer_time, forward_time, layer_time, traffic_from_pairs)
 from .shapes import ModelMeta
 from .topology import Topology
 
@@ -155,7 +155,7 @@ def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
     meta, tokens = runs["meta"], runs["tokens"]
     hidden, ffn = meta.hidden_size, meta.moe_ffn_size
     moe = list(meta.moe_layers)
-    per_call = 2 * hidden * ffn * 4 / weight_Bps if weight_Bps else 0.0
+    per_call = 2 * hidden * ffn * COMPUTE_WEIGHT_BYTES / weight_Bps if weight_Bps else 0.0
     work = sum(float(s["rows"].sum()) * 4 * hidden * ffn for s in runs["warm"])
     spent = sum(float(s["expert"][moe].sum()) - per_call * s["m"] * len(moe)
                 for s in runs["warm"])
@@ -188,7 +188,7 @@ def fit_runner(comm, runs: dict, weight_Bps: float, latency_s: float,
 def _moe_residuals(comm, runs: dict, s: dict, hw: Hardware) -> np.ndarray:
     """Measured minus the model ``hw`` (first touch left out) per MoE layer of pass ``s``."""
     meta, tokens = runs["meta"], runs["tokens"]
-    wire = 2 if runs["precision"] == "bf16" else 4
+    wire = WIRE_BYTES[runs["precision"]]
     out = []
     for i, l in enumerate(meta.moe_layers):
         t = traffic_from_pairs(s["traffic"][:, i, :].astype(float), 1, comm.size, "measured")
@@ -309,15 +309,15 @@ def predict_runs(output_paths: list[str], calibration: Calibration,
                      r[0]["tokens_per_rank"], len(r))
     if any(key(r) != key(runs[0]) for r in runs):
         raise MoempiError("validate: the output files are not repeats of one configuration")
-    best = []
+    merged = []
     for layer in zip(*runs):
         r = dict(layer[0])
         for k in ("measured_s", "predicted_s", "compute_s", "measured_forward_s"):
             r[k] = float(np.median([x[k] for x in layer]))
         r["error"] = r["predicted_s"] / r["measured_s"] - 1 if r["measured_s"] > 0 else math.nan
         r["repeats"] = len(layer)
-        best.append(r)
-    return best
+        merged.append(r)
+    return merged
 
 
 def predict_run(output_path: str, calibration: Calibration,
