@@ -18,8 +18,10 @@ from mpi4py import MPI
 from .backend import HostBackend
 from .dispatch import Exchanger, drive, probe_network
 from .model import DenseLayer, MoeLayer, Weights
+from .perf import WIRE_BYTES, Calibration
 from .pipeline import Context, Scheduler, Telemetry, run_batch
 from .placement import Placement, assign_replicas
+from .runner import overlap_percent
 from .shapes import ModelMeta
 
 
@@ -126,7 +128,7 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
     try:
         plan = drive(ex.plan(topk_idx, dest, sorted(layer.experts)))
         ours = raw = float("inf")
-        itemsize = 2 if precision == "bf16" else 4
+        itemsize = WIRE_BYTES[precision]
         row = meta.hidden_size * itemsize
         send = np.zeros(plan.num_send * row, np.uint8)
         recv = np.zeros(plan.num_recv * row, np.uint8)
@@ -167,10 +169,7 @@ def bench_overlap(comm, shape: Shape, echo, micro_batches: int = 4) -> dict:
     blocking, tel_b, pure = forward(comm, weights, placement, x, 1, False)
     overlapped, tel_o, _ = forward(comm, weights, placement, x, micro_batches, True)
     compute = comm.allreduce(tel_b.seconds["compute"].sum(), op=MPI.MAX)
-    overall_o = tel_o.seconds["busy"].sum() + tel_o.seconds["wait"].sum()
-    compute_o = tel_o.seconds["compute"].sum()
-    pct = max(0.0, 100 * (1 - (overall_o - compute_o) / max(pure, 1e-12)))
-    pct = comm.allreduce(pct, op=MPI.MIN)
+    pct = _min_overlap(comm, tel_o, pure)
     L = shape.layers
     result = {"blocking_layer_s": blocking / L, "overlapped_layer_s": overlapped / L,
               "compute_layer_s": compute / L, "exchange_layer_s": pure / L,
@@ -198,7 +197,6 @@ def comm_heavy_ffn(comm, hidden: int, tokens: int) -> int:
 
 def calibrate(comm, echo, path: str | None) -> dict:
     """GEMM rate and Alltoallv latency/bandwidth of this machine, for ``moempi plan --hardware``."""
-    from .perf import Calibration
     flops = comm.allreduce(plain_gemm_flops(7168, 2048, 256), op=MPI.MIN)
     latency, bandwidth = probe_network(comm, 7168, 2, rows=64)
     machine = (f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
@@ -210,8 +208,6 @@ def calibrate(comm, echo, path: str | None) -> dict:
         cal.save(path)
         echo(f"wrote {path}")
     return cal.to_dict()
-
-
 
 
 # -- GPU ------------------------------------------------------------------------------
@@ -289,7 +285,6 @@ def bench_gpu(comm, backend_name: str, echo, quick: bool = False) -> dict:
         weights = gpu_weights(backend, meta, range(8))
         single = MPI.COMM_SELF
         placement = Placement.default(8, 1, meta.moe_layers)
-        placement = Placement(1, 8, placement.hosts)
         x = np.random.default_rng(0).standard_normal((rows, H)).astype(np.float32)
         tel = Telemetry(layers, layers - dense, 1, 8)
         ctx = Context(weights, placement, 0, 0, np.zeros((layers - dense, 8), np.float32), tel,
@@ -324,8 +319,8 @@ def bench_gpu(comm, backend_name: str, echo, quick: bool = False) -> dict:
 
 
 def _overlap_percent(comm, backend, weights, placement, x, micro_batches: int = 4) -> float:
+    """The overlapped pass's overlap % (min over ranks), after a blocking pass as warm-up."""
     meta = weights.meta
-    times = {}
     for overlap in (False, True):
         tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
         ctx = Context(weights, placement, comm.rank, 0,
@@ -342,10 +337,14 @@ def _overlap_percent(comm, backend, weights, placement, x, micro_batches: int = 
         finally:
             for ex in exchangers:
                 ex.close()
-        times[overlap] = (tel.seconds["busy"].sum() + tel.seconds["wait"].sum(),
-                          tel.seconds["compute"].sum(), pure)
-    overall, compute, pure = times[True]
-    pct = max(0.0, 100 * (1 - (overall - compute) / max(pure, 1e-12)))
+    return _min_overlap(comm, tel, pure)
+
+
+def _min_overlap(comm, tel: Telemetry, pure_s: float) -> float:
+    """The OSU overlap % of a pass (:func:`runner.overlap_percent` over its layers' sums),
+    min over ranks."""
+    overall = tel.seconds["busy"].sum() + tel.seconds["wait"].sum()
+    pct = float(overlap_percent(overall, tel.seconds["compute"].sum(), pure_s))
     return comm.allreduce(pct, op=MPI.MIN)
 
 
