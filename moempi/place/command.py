@@ -8,19 +8,13 @@ import click
 
 from ..errors import MoempiError
 from ..placement import Placement
-from ..shapes import PRESETS, ModelMeta
+from ..shapes import PRESETS
 from ..topology import load_topology
 from .routing import REGIMES, load_trace, synthetic_routing, trace_model_meta
 
 METRICS = ("max_inter_node_link_tokens", "max_intra_node_link_tokens", "max_gpu_tokens",
            "sum_layer_max_inter_node_link_tokens", "inter_node_tokens", "max_gpu_memory_gb",
            "node_memory_spread_gb")
-
-
-def _model_meta(path: str) -> ModelMeta:
-    """The model file's shape (root attributes, DESIGN.md §2.1)."""
-    from ..hdf5 import read_model_meta
-    return read_model_meta(path)
 
 
 def _table(columns: dict[str, dict]) -> str:
@@ -157,7 +151,8 @@ def _place(topology, model_path, preset, trace_path, synthetic, tokens_per_rank,
     if bool(trace_path) == bool(synthetic):
         raise MoempiError("place: give exactly one routing source, --trace OUT.h5 or --synthetic REGIME")
     if model_path:
-        meta = _model_meta(model_path)
+        from ..hdf5 import read_model_meta
+        meta = read_model_meta(model_path)
     elif preset:
         meta = PRESETS[preset]
     elif trace_path:
