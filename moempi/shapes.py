@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from .errors import MoempiError
 
 ACTIVATIONS = ("gelu", "silu", "relu")
-WEIGHT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+WEIGHT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}   # storage dtype -> B
+WEIGHT_DTYPES = tuple(WEIGHT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ModelMeta:
 
     @property
     def weight_bytes(self) -> int:
-        return {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[self.weight_dtype]
+        return WEIGHT_BYTES[self.weight_dtype]
 
     @property
     def expert_bytes(self) -> int:
