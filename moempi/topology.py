@@ -52,9 +52,6 @@ class Topology:
             raise MoempiError("topology: latency_us must be >= 0")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def topology_from_dict(data: dict, source: str = "topology") -> Topology:
     """Build a Topology from a mapping (the ``[topology]`` table or a whole file)."""
