@@ -291,7 +291,8 @@ class MicroBatch:
             if isinstance(rows, slice):
                 parts = [slice(s, min(s + chunk, rows.stop)) for s in range(rows.start, rows.stop, chunk)]
             else:
-                parts = [backend.index(rows[s:s + chunk]) for s in range(0, len(rows), chunk)]
+                rows = backend.index(rows)      # one host->device copy per expert, not per chunk
+                parts = [rows[s:s + chunk] for s in range(0, len(rows), chunk)]
             for part in parts:
                 y[part] = mlp(recv[part], w_in, w_out, meta.activation)
                 self.ctx.scheduler.poll()
