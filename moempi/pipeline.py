@@ -202,7 +202,6 @@ class MicroBatch:
             self._record(l - meta.num_dense_layers, topk_idx, dest_rank, plan)
             self._compute(l, t)
             self._done(l)
-        self.layer = len(ctx.weights.layers) - 1
 
     @property
     def xp(self):
