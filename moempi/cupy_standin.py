@@ -49,11 +49,7 @@ class ndarray(_np.ndarray):
 
     def get(self, stream=None, out=None, blocking=True):
         self._check(stream, "device-to-host copy")
-        host = _np.asarray(self).view(_np.ndarray)
-        if out is None:
-            return host.copy()
-        out[...] = host
-        return out
+        return asnumpy(self, out=out)
 
     def set(self, arr, stream=None):
         self._check(stream, "host-to-device copy")
@@ -156,7 +152,7 @@ class _Device:
         self.id = index
 
     def use(self):
-        _cuda.current = self.id
+        cuda.current = self.id
 
 
 class _Runtime:
@@ -182,4 +178,3 @@ class _Cuda:
 
 
 cuda = _Cuda()
-_cuda = cuda
