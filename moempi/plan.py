@@ -12,7 +12,8 @@ from .errors import MoempiError
 from .memory import experts_per_gpu
 from .perf import (Calibration, Forecast, Hardware, Layout, Traffic, forward_time, trace_pairs,
                    traffic_from_pairs)
-from .placement import Placement, assign_replicas
+from .place.scoring import dest_ranks
+from .placement import Placement
 from .shapes import PRESETS, ModelMeta
 from .topology import Topology, load_topology
 
@@ -69,7 +70,7 @@ def trace_traffic(meta: ModelMeta, home: np.ndarray, topk: dict[int, np.ndarray]
                   placement: Placement, layout: Layout, gpus_per_node: int,
                   link: str) -> dict[int, Traffic]:
     """Per traced MoE layer: the trace's token -> expert choices placed by ``placement``
-    (replica choice as the runner makes it, ``placement.assign_replicas``), scaled from the
+    (replica choice as the runner makes it, ``place.scoring.dest_ranks``), scaled from the
     trace's N tokens to the plan's ``ep * tp * T``.  Tokens keep their home rank when the
     trace ran on ``ep`` ranks, else are re-sharded contiguously over the ``ep`` slots."""
     n = home.shape[0]
@@ -77,11 +78,7 @@ def trace_traffic(meta: ModelMeta, home: np.ndarray, topk: dict[int, np.ndarray]
     scale = layout.tp * layout.tokens_per_gpu * layout.ep / n
     out = {}
     for layer, idx in topk.items():
-        dest = np.full(idx.shape, -1, dtype=np.int64)
-        for src in np.unique(slot):
-            mine = slot == src
-            cand, ncand = placement.replica_table(layer, int(src))
-            dest[mine] = assign_replicas(idx[mine], cand, ncand, int(src))
+        dest = dest_ranks(idx, slot, placement, layer)      # as the runner chooses replicas
         out[layer] = traffic_from_pairs(trace_pairs(slot, dest, layout.ep, scale),
                                         layout.tp, gpus_per_node, link)
     return out

@@ -22,7 +22,7 @@ from .errors import MoempiError
 from .experts import mlp, rmsnorm
 from .heap import keep_freed_memory
 from .model import load_weights
-from .pipeline import TIMINGS, Context, Scheduler, Telemetry, run_batch
+from .pipeline import TIMINGS, Context, Scheduler, Telemetry, run_batch, split_rows
 from .placement import Placement
 from .shapes import ModelMeta
 
@@ -98,11 +98,6 @@ def check_memory(cfg: Config, meta: ModelMeta, layout, num_tokens: int, capacity
                weight_bytes=2 if bf16 and cfg.backend.name != "numpy" else 4, source="run")
 
 
-def shard(num_tokens: int, rank: int, size: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous token rows: ``[start, stop)``."""
-    return num_tokens * rank // size, num_tokens * (rank + 1) // size
-
-
 def choose_micro_batches(cfg: Config, comm: MPI.Comm, meta: ModelMeta, tokens_per_rank: int,
                          gpu: bool = False) -> tuple[int, dict]:
     """The micro-batch count: the config's, or the performance model's choice from a probe
@@ -172,7 +167,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     capacity = cfg.run.gpu_memory_gb * 1e9 or backend.memory_bytes()
     if capacity:
         parallel.root_call(world, check_memory, cfg, meta, layout, setup.num_tokens, capacity)
-    start, stop = shard(setup.num_tokens, world.rank, world.size)
+    start, stop = split_rows(setup.num_tokens, world.size)[world.rank]   # this rank's tokens
     x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start, stop)
     t = time.perf_counter()
     expert_to_device = None
@@ -327,7 +322,7 @@ def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.nd
 def _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_expert, rows,
                routing) -> None:
     num_tokens = world.allreduce(len(hidden))
-    starts = [shard(num_tokens, r, world.size)[0] for r in range(world.size)]
+    starts = [start for start, _ in split_rows(num_tokens, world.size)]
     ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4") if writer else None
     parallel.stream_rows_to_dataset(world, hidden, ds, starts)
     if routing is not None:
