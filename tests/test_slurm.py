@@ -157,6 +157,18 @@ def completed(job: dict, log: Path) -> None:
                                            f"{log_text(log)}"
 
 
+def gpu_script(cluster, env: dict, tmp_path: Path, tasks: int, srun_mpi: str, name: str):
+    """jobs/moempi-gpu.sbatch on ``tasks`` tasks with ``srun --mpi=srun_mpi``, output
+    ``name-{job}.h5``; waits for it: ``(job, state, log)``."""
+    job = cluster.submit("moempi-gpu.sbatch", "--nodes=1", f"--ntasks-per-node={tasks}",
+                         "--cpus-per-task=1", cwd=tmp_path,
+                         env={**env, "MOEMPI_SRUN_MPI": srun_mpi,
+                              "MOEMPI_OUTPUT": tmp_path / f"{name}-{{job}}.h5"})
+    log = tmp_path / f"moempi-{job}.log"
+    [state] = cluster.wait(job, logs=[log])
+    return job, state, log
+
+
 def reference_output(out: Path, ref: np.ndarray) -> h5py.File:
     """``out`` exists and its hidden states are the reference's; the file, open, for more checks."""
     assert out.exists(), f"no {out.name} in {sorted(p.name for p in out.parent.iterdir())}"
@@ -182,12 +194,7 @@ def test_sbatch_mpiexec_inside_allocation(cluster, inputs, tmp_path):
 def test_srun_pmi2_direct(cluster, inputs, tmp_path):
     """jobs/moempi-gpu.sbatch with srun --mpi=pmi2: 3 ranks, each asking for one (stand-in) GPU."""
     env, ref = inputs
-    job = cluster.submit("moempi-gpu.sbatch", "--nodes=1", "--ntasks-per-node=3",
-                         "--cpus-per-task=1", cwd=tmp_path,
-                         env={**env, "MOEMPI_SRUN_MPI": "pmi2",
-                              "MOEMPI_OUTPUT": tmp_path / "srun-{job}.h5"})
-    log = tmp_path / f"moempi-{job}.log"
-    [state] = cluster.wait(job, logs=[log])
+    job, state, log = gpu_script(cluster, env, tmp_path, 3, "pmi2", "srun")
     completed(state, log)
     assert "gres:gpu:1" in state.get("TresPerTask", ""), state    # the header's --gpus-per-task
     out = tmp_path / f"srun-{job}.h5"
@@ -221,12 +228,7 @@ def test_array_sweep(cluster, inputs, tmp_path):
 def test_world_size_mismatch_fails_clearly(cluster, inputs, tmp_path):
     """srun --mpi=none starts singletons: the job must fail before computing, and say why."""
     env, _ = inputs
-    job = cluster.submit("moempi-gpu.sbatch", "--nodes=1", "--ntasks-per-node=2",
-                         "--cpus-per-task=1", cwd=tmp_path,
-                         env={**env, "MOEMPI_SRUN_MPI": "none",
-                              "MOEMPI_OUTPUT": tmp_path / "mismatch-{job}.h5"})
-    log = tmp_path / f"moempi-{job}.log"
-    [state] = cluster.wait(job, logs=[log])
+    job, state, log = gpu_script(cluster, env, tmp_path, 2, "none", "mismatch")
     text = log_text(log)
     assert state["JobState"] == "FAILED", f"{state['JobState']}:\n{text}"
     assert "asked for 2 MPI ranks but the launcher started 2 process(es) reporting world " \
