@@ -53,10 +53,12 @@ bench: install
 	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 4 $(BIN)/moempi bench balance | tee -a work/bench.txt
 	$(BIN)/moempi bench place --quick | tee -a work/bench.txt
 
-# The GPU checks, on a machine with a GPU, in one bounded run (tests/gpu_check.py): rank ->
-# GPU binding, the GPU tests over CuPy (failing, not skipping, without a GPU), accuracy and
-# speed at DeepSeek-V3 width against the float64 reference and numpy, and the GPU bench
-# table (expert MLP vs plain BF16 matmul, 61-layer forward, overlap).  Writes
+# The GPU checks, on a machine with a GPU, in one bounded run of about 6 minutes
+# (tests/gpu_check.py): first the go/no-go correctness table (rank -> GPU binding, the BF16
+# pieces, the exchange round trip at 1, 2, 4 ranks, the DeepSeek-V3-width forward in fp32
+# and bf16 against float64), then the speed table (expert MLP vs plain BF16 matmul, the
+# 61-layer forward vs its compute floor, the overlap %) and the GPU tests over CuPy
+# (failing, not skipping, without a GPU).  Writes
 # work/gpu-check.md and work/gpu-check.log.  Uses $(PYTHON) as it is (its CuPy, mpi4py,
 # h5py, click, ml_dtypes, pytest) with this checkout on PYTHONPATH, and $(MPIEXEC), e.g.
 #   make gpu-check PYTHON=python3 MPIEXEC=/path/to/mpiexec

@@ -3,52 +3,67 @@
 A backend owns where arrays live and how exchange buffers reach MPI:
 
 - ``numpy``: host arrays; packing a send buffer is a gather (and BF16 rounding) in place.
-- ``cupy``: weights and activations on the rank's GPU; expert compute on a compute stream,
-  host<->device copies on a copy stream, events mark buffer readiness.  Without CUDA-aware
-  MPI, send/receive buffers are pinned host memory reused across steps; with it, device
-  buffers go to MPI directly, once the stream work that fills them is complete.
-- ``standin``: the same GPU code on :mod:`moempi.cupy_standin` (numpy), for CI.
+- ``cupy``: weights and activations on the rank's GPU, and **one stream** that this code
+  names for every kernel and every copy (:meth:`DeviceBackend.running`; never
+  ``Stream.use()``, which CuPy forgets when any ``with stream:`` block exits).  Without
+  CUDA-aware MPI, send and receive buffers are pinned host memory: a device-to-host copy
+  then an event before MPI reads a send buffer, the host-to-device copy of a received
+  buffer on the same stream after the receive.  With CUDA-aware MPI, device buffers go to
+  MPI directly, once the stream work that fills them is complete.
+- ``standin``: the same GPU code on :mod:`moempi.cupy_standin`, which reproduces CuPy's
+  stream, copy and pool ordering rules on numpy, for CI.
+
+In ``bf16`` mode on a device the received wire bits feed the first expert GEMM directly
+(cuBLAS, float32 accumulation, BF16 result), the activation is one fused elementwise
+kernel on the BF16 bits, and the expert output goes onto the wire as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-import sys
 
 import ml_dtypes
 import numpy as np
 
 from . import cupy_standin
+from .arrays import BF16, decode_bf16, encode_bf16
 from .errors import MoempiError
+from .experts import ACTIVATIONS, mlp, mlp_bf16
 
 
-def array_module(x):
-    """The array module an array belongs to (numpy, cupy or the stand-in), without importing cupy."""
-    if isinstance(x, cupy_standin.ndarray):
-        return cupy_standin
-    if isinstance(x, np.ndarray) or np.isscalar(x):
-        return np
-    return sys.modules[type(x).__module__.split(".")[0]]
+# The activations as one fused CUDA kernel on BF16 bits, in place: widen, activate in
+# float32, round to nearest even (NaN kept).  Each has a numpy twin for the stand-in.
+_BF16_ACTIVATION = """
+float v = __uint_as_float(((unsigned int)x) << 16);
+float r = {expr};
+unsigned int u = __float_as_uint(r);
+y = ((u & 0x7fffffffu) > 0x7f800000u) ? (unsigned short)((u >> 16) | 0x40u)
+    : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+"""
+_ACTIVATION_EXPR = {
+    "silu": "v / (1.0f + expf(-v))",
+    "gelu": "0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)))",
+    "relu": "fmaxf(v, 0.0f)",
+}
 
 
-# -- BF16 on the wire: uint16 bit patterns, round to nearest even -------------------------
-def encode_bf16(xp, x, out) -> None:
-    """float32 ``x`` -> BF16 bits in ``out`` (uint16), on any array module."""
-    u = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
-    out[...] = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(xp.uint16)
-
-
-def decode_bf16(xp, bits, out) -> None:
-    """BF16 bits (uint16) -> float32 ``out``, exactly."""
-    out.view(xp.uint32)[...] = bits.astype(xp.uint32) << 16
+def _activation_twin(name):
+    """What the fused kernel ``name`` computes, on numpy: ``twin(bits_in, bits_out)``."""
+    def twin(bits, out):
+        x = np.empty(bits.shape, np.float32)
+        decode_bf16(np, bits, x)
+        encode_bf16(np, ACTIVATIONS[name](x), out)
+    return twin
 
 
 class Ready:
     """A GPU event as something the scheduler can poll, like an ``MPI.Request``.
 
-    ``keep`` holds the device arrays the event's work still reads: CuPy's pool must not
-    hand their memory to another allocation before the copy that reads them is done.
+    ``keep`` holds every array the event's work still reads or writes (source and
+    destination): CuPy's pools must not hand their memory to another allocation before
+    that work is done.
     """
 
     def __init__(self, event, keep=()):
@@ -74,6 +89,10 @@ class HostBackend:
     gpu = False
     device_buffers = False
 
+    def running(self):
+        """The context the forward pass runs in (on a device: its stream current)."""
+        return contextlib.nullcontext()
+
     def to_device(self, a: np.ndarray, dtype=np.float32):
         return np.array(a, dtype=dtype)           # a copy: the caller's array stays intact
 
@@ -86,6 +105,13 @@ class HostBackend:
     def empty(self, shape, dtype):
         """An exchange buffer: host memory."""
         return np.empty(shape, dtype=dtype)
+
+    def fence(self):
+        """A :class:`Ready` covering all work issued so far, or None when all is done."""
+        return None
+
+    def mlp(self, h, w_in, w_out, activation: str):
+        return mlp(h, w_in, w_out, activation)
 
     def pack(self, rows_of, idx, out, bf16: bool):
         """Gather ``rows_of[idx]`` into the send buffer ``out`` (BF16-rounded if asked)."""
@@ -103,7 +129,7 @@ class HostBackend:
             out[...] = rows                 # (the experts did not write in place)
         return None
 
-    def unpack(self, buf, bf16: bool, scratch):
+    def unpack(self, buf, bf16: bool, scratch, keep_bf16: bool = False):
         """A received buffer as float32 rows (``scratch`` holds the decoded copy for BF16)."""
         if not bf16:
             return buf
@@ -122,7 +148,7 @@ class HostBackend:
 
 
 class DeviceBackend(HostBackend):
-    """CuPy (or the stand-in) on one GPU: compute stream, copy stream, events, staged buffers."""
+    """CuPy (or the stand-in) on one GPU: one named stream, events for staged buffers."""
 
     gpu = True
 
@@ -131,86 +157,121 @@ class DeviceBackend(HostBackend):
         self.name = name
         self.device = device
         cp.cuda.Device(device).use()
-        self.compute = cp.cuda.Stream(non_blocking=True)
-        self.copy = cp.cuda.Stream(non_blocking=True)
-        # every kernel this rank launches (norms, gating, experts, combine) goes to the
-        # compute stream; only the host<->device copies run on the copy stream
-        self.compute.use()
+        # one stream for every kernel and copy of this rank: stream order alone makes each
+        # copy and kernel see the one before it, and CuPy's pool, which hands a freed block
+        # to the next allocation on the same stream, is then safe by construction
+        self.stream = cp.cuda.Stream(non_blocking=True)
         self.device_buffers = cuda_aware
+        self._activations = {}
+
+    def running(self):
+        return self.stream
+
+    def _on_stream(self) -> None:
+        """Kernels must go to this backend's stream: a ``with`` block left elsewhere (or a
+        ``use()``) would send them to the null stream, which ours does not wait for."""
+        if self.cp.cuda.get_current_stream() != self.stream:
+            raise RuntimeError("GPU work issued outside the backend's stream (enter "
+                               "backend.running() around the forward pass)")
 
     def to_device(self, a, dtype=np.float32):
-        with self.compute:
+        with self.stream:
             return self.cp.asarray(np.ascontiguousarray(a, dtype=dtype))
 
     def to_host(self, a) -> np.ndarray:
-        out = self.cp.asnumpy(a, stream=self.compute)
-        self.compute.synchronize()
-        return out
+        return a.get(stream=self.stream)        # blocking: the stream is synchronized
 
     def index(self, idx: np.ndarray):
-        with self.compute:
+        with self.stream:
             return self.cp.asarray(idx)
 
     def empty(self, shape, dtype):
         if self.device_buffers:
-            return self.cp.empty(shape, dtype=dtype)
+            with self.stream:
+                return self.cp.empty(shape, dtype=dtype)
         count = int(np.prod(shape))
         mem = self.cp.cuda.alloc_pinned_memory(count * np.dtype(dtype).itemsize)
         return np.frombuffer(mem, dtype=dtype, count=count).reshape(shape)
 
-    def _to_wire(self, rows, bf16):
+    def fence(self):
+        return Ready(self.stream.record())
+
+    def mlp(self, h, w_in, w_out, activation: str):
+        self._on_stream()
+        if h.dtype == BF16 and w_in.dtype == BF16:
+            return mlp_bf16(h, w_in, w_out, self._activation(activation))
+        if h.dtype == BF16:
+            h = h.astype(np.float32)
+        return mlp(h, w_in, w_out, activation)
+
+    def _activation(self, name):
+        """The fused BF16 activation kernel ``name``, in place on ``[N, F]`` BF16 rows."""
+        if name not in self._activations:
+            args = ("uint16 x", "uint16 y", _BF16_ACTIVATION.format(expr=_ACTIVATION_EXPR[name]),
+                    f"moempi_{name}_bf16")
+            if self.cp is cupy_standin:
+                kernel = cupy_standin.ElementwiseKernel(*args, twin=_activation_twin(name))
+            else:
+                kernel = self.cp.ElementwiseKernel(*args)
+
+            def activate(z):
+                bits = z.view(self.cp.uint16)
+                kernel(bits, bits)
+                return z
+            self._activations[name] = activate
+        return self._activations[name]
+
+    def _wire(self, rows, bf16):
+        """``rows`` as the wire carries them: BF16 bits (rounded here unless already BF16)."""
         if not bf16:
             return rows
+        if rows.dtype == BF16:
+            return rows.view(self.cp.uint16)
         wire = self.cp.empty(rows.shape, dtype=self.cp.uint16)
         encode_bf16(self.cp, rows, wire)
         return wire
 
     def _send(self, wire, out):
-        """Make ``wire`` (device) the content of the send buffer ``out``; a Ready when done."""
-        done = self.cp.cuda.Event()
+        """Make ``wire`` (device) the content of the send buffer ``out``; a Ready when MPI
+        may read ``out``: the stream has finished the copy into it."""
         if self.device_buffers:
-            with self.compute:
-                out[...] = wire
-            done.record(self.compute)   # MPI may read ``out`` once the compute stream got here
-            return Ready(done, (wire,))
-        filled = self.compute.record()
-        self.copy.wait_event(filled)
-        with self.copy:
-            wire.get(stream=self.copy, out=out, blocking=False)
-        done.record(self.copy)
-        return Ready(done, (wire,))
+            out[...] = wire
+        else:
+            wire.get(stream=self.stream, out=out, blocking=False)
+        return Ready(self.stream.record(), (wire, out))
 
     def pack(self, rows_of, idx, out, bf16: bool):
-        with self.compute:
-            return self._send(self._to_wire(rows_of[idx], bf16), out)
+        with self.stream:
+            self._on_stream()
+            return self._send(self._wire(rows_of[idx], bf16), out)
 
     def pack_all(self, rows, out, bf16: bool):
-        with self.compute:
-            return self._send(self._to_wire(rows, bf16), out)
+        with self.stream:
+            self._on_stream()
+            return self._send(self._wire(rows, bf16), out)
 
-    def unpack(self, buf, bf16: bool, scratch=None):
+    def unpack(self, buf, bf16: bool, scratch=None, keep_bf16: bool = False):
+        """A received buffer on the device: float32 rows, or (``keep_bf16``, BF16 wire) the
+        BF16 rows as they came.  The copy is issued after the receive completed, on the
+        stream, so later kernels see it; :meth:`fence` afterwards covers the buffer's use."""
         cp = self.cp
-        if self.device_buffers:
-            dev = buf
-        else:
-            dev = cp.empty(buf.shape, dtype=buf.dtype)
-            # dev's block comes from the compute stream's pool: kernels queued there before
-            # (another micro-batch's, on a block it has freed) may still use it, so the copy
-            # waits for them; the compute stream then waits for the copy
-            self.copy.wait_event(self.compute.record())
-            with self.copy:
-                dev.set(buf, stream=self.copy)
-            self.compute.wait_event(self.copy.record())
-        with self.compute:
+        with self.stream:
+            self._on_stream()
+            if self.device_buffers:
+                dev = buf.copy()            # MPI writes ``buf`` again at the next exchange
+            else:
+                dev = cp.empty(buf.shape, dtype=buf.dtype)
+                dev.set(buf, stream=self.stream)
             if not bf16:
                 return dev
+            if keep_bf16:
+                return dev.view(ml_dtypes.bfloat16)
             out = cp.empty(buf.shape, dtype=cp.float32)
             decode_bf16(cp, dev, out)
             return out
 
     def synchronize(self) -> None:
-        self.compute.synchronize()
-        self.copy.synchronize()
+        self.stream.synchronize()
 
     def memory_bytes(self) -> int | None:
         return int(self.cp.cuda.runtime.getDeviceProperties(self.device)["totalGlobalMem"])

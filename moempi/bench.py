@@ -215,7 +215,8 @@ def _device_weights(backend, shape, scale, dtype):
     """Random weights made on the device (host RNG for the stand-in), stored as ``dtype``."""
     if backend.name == "cupy":
         cp = backend.cp
-        return (cp.random.standard_normal(shape, dtype=cp.float32) * scale).astype(dtype)
+        with backend.running():
+            return (cp.random.standard_normal(shape, dtype=cp.float32) * scale).astype(dtype)
     rng = np.random.default_rng(len(shape) + shape[0])
     return backend.to_device(rng.standard_normal(shape).astype(np.float32) * scale, dtype)
 
@@ -226,7 +227,7 @@ def _gpu_time(backend, fn, repeats: int = 5) -> float:
     for _ in range(repeats):
         backend.synchronize()
         t = time.perf_counter()
-        with backend.compute:
+        with backend.running():
             fn()
         backend.synchronize()
         best = min(best, time.perf_counter() - t)
@@ -260,19 +261,20 @@ def bench_gpu(comm, backend_name: str, echo, quick: bool = False) -> dict:
     GPU each) run the overlapped and blocking forward for the overlap %.
     """
     from .backend import make_backend
-    from .experts import mlp
     import ml_dtypes
     backend = make_backend(backend_name, comm)
     bf16 = ml_dtypes.bfloat16
     H, F, Fd, rows = (256, 128, 384, 512) if quick else (7168, 2048, 18432, 8192)
     result = {"device": backend.describe()}
     if comm.rank == 0:
-        h = _device_weights(backend, (rows, H), 1.0, np.float32)
-        w_in = _device_weights(backend, (H, F), H**-0.5, bf16)
-        w_out = _device_weights(backend, (F, H), F**-0.5, bf16)
-        ours = _gpu_time(backend, lambda: mlp(h, w_in, w_out, "silu"))
-        hb = h.astype(bf16)
-        a = (hb @ w_in).astype(bf16)
+        with backend.running():
+            hb = _device_weights(backend, (rows, H), 1.0, bf16)
+            w_in = _device_weights(backend, (H, F), H**-0.5, bf16)
+            w_out = _device_weights(backend, (F, H), F**-0.5, bf16)
+            a = hb @ w_in
+        # the expert MLP as the forward runs it (BF16 in and out, fused activation) against
+        # the two plain BF16 matmuls alone
+        ours = _gpu_time(backend, lambda: backend.mlp(hb, w_in, w_out, "silu"))
         plain = _gpu_time(backend, lambda: (hb @ w_in, a @ w_out))
         flop = 4.0 * rows * H * F
         result.update(expert_tflops=flop / ours / 1e12, plain_tflops=flop / plain / 1e12,
@@ -301,9 +303,15 @@ def bench_gpu(comm, backend_name: str, echo, quick: bool = False) -> dict:
         finally:
             for ex in exchangers:
                 ex.close()
-        result["forward_tokens_per_s"] = rows / forward
+        # the compute floor: the stack's GEMM FLOPs (top-k experts per token, dense MLPs,
+        # gates) at the plain BF16 matmul rate measured above
+        flop_token = 4.0 * H * (dense * Fd + (layers - dense) * meta.top_k * F) + \
+            2.0 * H * 8 * (layers - dense)
+        floor = rows * flop_token / (flop / plain)
+        result.update(forward_tokens_per_s=rows / forward, forward_floor_ratio=floor / forward)
         echo(f"| {layers}-layer forward, one GPU (8 experts, bf16) | {rows / forward:,.0f} "
-             f"tokens/s | {forward * 1e3:.1f} ms for {rows} tokens | |")
+             f"tokens/s | {forward * 1e3:.1f} ms for {rows} tokens | {floor / forward:.2f} of "
+             f"the compute floor ({floor * 1e3:.1f} ms) |")
         del weights
     comm.Barrier()
     shape = Shape("gpu", H, F, rows // max(comm.size, 1) // (8 if not quick else 1), 4)

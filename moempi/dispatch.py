@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from .backend import HostBackend, array_module
+from .arrays import array_module
+from .backend import HostBackend
 from .errors import MoempiError
 
 
@@ -144,6 +145,7 @@ class Exchanger:
         self.wire = np.uint16 if self.bf16 else np.float32
         self.rowtype = base.Create_contiguous(hidden).Commit()   # counts in rows, not elements
         self._buffers: dict[str, np.ndarray] = {}
+        self._fences: dict = {}      # buffer name -> Ready of the last device copy from it
         self.mpi_seconds = 0.0       # time inside MPI calls (posting, or the blocking call)
         # MPICH sets up a new communicator's collective state on its first use: pay that
         # here, at start-up, rather than inside the first MoE layer's timings
@@ -166,7 +168,9 @@ class Exchanger:
         return make_plan(topk_idx.shape[1], pair_order, sent, received, local_experts)
 
     def dispatch(self, plan: DispatchPlan, h):
-        """Send each pair's token row ``h`` `[N, H]` to its expert's rank; returns `[R, H]` float32."""
+        """Send each pair's token row ``h`` `[N, H]` to its expert's rank; returns the `[R, H]`
+        rows received: float32, or on a device with a BF16 wire the BF16 rows as they came
+        (the expert GEMMs take them as they are)."""
         self._order = self.backend.index(plan.pair_order)       # on h's device
         send = self._buffer("dispatch_send", plan.num_send)
         ready = self.backend.pack(h, self._order // plan.top_k, send, self.bf16)
@@ -174,7 +178,10 @@ class Exchanger:
         recv = self._buffer("dispatch_recv", plan.num_recv)
         yield from self._alltoallv(send, plan.send_counts, plan.send_displs,
                                    recv, plan.recv_counts, plan.recv_displs)
-        return self.backend.unpack(recv, self.bf16, self._scratch("dispatch_f32", len(recv)))
+        rows = self.backend.unpack(recv, self.bf16, self._scratch("dispatch_f32", len(recv)),
+                                   keep_bf16=True)
+        self._fences["dispatch_recv"] = self.backend.fence()
+        return rows
 
     def output_buffer(self, plan: DispatchPlan):
         """Where the experts may write their `[R, H]` float32 output so that combine sends it
@@ -191,6 +198,7 @@ class Exchanger:
         yield from self._alltoallv(send, plan.recv_counts, plan.recv_displs,
                                    recv, plan.send_counts, plan.send_displs)
         back = self.backend.unpack(recv, self.bf16, self._scratch("combine_f32", len(recv)))
+        self._fences["combine_recv"] = self.backend.fence()
         return plan.unpermute(back, num_tokens, self._order)
 
     # -- measurement -----------------------------------------------------------------------
@@ -244,7 +252,15 @@ class Exchanger:
         yield request
 
     def _buffer(self, name: str, rows: int, dtype=None, host: bool = False):
-        """A `[rows, H]` view of a grow-only exchange buffer, reused across layers and batches."""
+        """A `[rows, H]` view of a grow-only exchange buffer, reused across layers and batches.
+
+        A received buffer is copied to the device on the stream after the receive: it is
+        reused (MPI writes it again) or regrown (its memory freed) only once that copy is
+        done.  (By then it almost always is: the experts have long used the copy.)
+        """
+        fence = self._fences.pop(name, None)
+        if fence is not None:
+            fence.wait()
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows:
             shape = (max(rows, 1, int(1.25 * (0 if buf is None else buf.shape[0]))), self.hidden)

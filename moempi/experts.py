@@ -6,7 +6,7 @@ import math
 
 import ml_dtypes
 
-from .backend import array_module as _xp
+from .arrays import array_module as _xp
 
 
 def rmsnorm(x, weight, eps: float):
@@ -45,6 +45,16 @@ def mlp(h, w_in, w_out, activation: str):
     accumulate in float32 (cuBLAS GemmEx through CuPy's matmul on ``ml_dtypes.bfloat16``).
     """
     return _matmul(ACTIVATIONS[activation](_matmul(h, w_in)), w_out)
+
+
+def mlp_bf16(h, w_in, w_out, activate):
+    """The expert MLP on BF16 rows as a GPU runs it: h `[N, H]` BF16 (the wire's bits),
+    w_in `[H, F]`, w_out `[F, H]` BF16 -> `[N, H]` BF16, ready for the wire.
+
+    Each GEMM accumulates in float32 and writes BF16 (cuBLAS GemmEx); ``activate`` is the
+    fused activation, in place on the `[N, F]` BF16 intermediate: no float32 copies.
+    """
+    return activate(h @ w_in) @ w_out
 
 
 def _matmul(a, w):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module
+from .arrays import array_module
 
 
 def gate_probs(h: np.ndarray, gate: np.ndarray) -> np.ndarray:

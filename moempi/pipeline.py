@@ -12,7 +12,7 @@ flight between chunks.  The alternative, a progress thread, measured worse: with
 own (``MPIR_CVAR_ASYNC_PROGRESS=1``) the `moempi bench overlap` real shape (2 ranks on 2
 cores, H 7168, F 2048, 512 tokens per rank) took 1709 ms per layer overlapped instead of
 779 ms, because the thread spins on the core the GEMM needs (and a Python thread would add
-the GIL).  On a GPU the same polling runs while the compute stream's kernels execute, which
+the GIL).  On a GPU the same polling runs while the backend stream's kernels execute, which
 is what the schedule is shaped for.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .balance import apply_capacity, capacity, topk_weights_for
-from .experts import mlp, rmsnorm
+from .experts import rmsnorm
 from .gating import gate_probs, route
 from .model import DenseLayer, Weights
 from .placement import Placement, assign_replicas
@@ -185,7 +185,7 @@ class MicroBatch:
             start = self._clock = time.perf_counter()
             h = rmsnorm(x, layer.norm, meta.norm_eps)
             if isinstance(layer, DenseLayer):
-                x += mlp(h, layer.w_in, layer.w_out, meta.activation)
+                x += ctx.backend.mlp(h, layer.w_in, layer.w_out, meta.activation)
                 self._compute(l, start, "expert")
                 self._done(l)
                 continue
@@ -276,14 +276,14 @@ class MicroBatch:
     def _experts(self, layer, plan, recv):
         """The local experts on the received rows `[R, H]`, in chunks with MPI progress between.
 
-        On a GPU the chunks are kernels enqueued on the compute stream: the polls between
+        On a GPU the chunks are kernels enqueued on the backend's stream: the polls between
         them run while the GPU works.
         """
         meta, backend = self.ctx.weights.meta, self.ctx.backend
         start = time.perf_counter()
         y = self.exchanger.output_buffer(plan)
-        if y is None:
-            y = self.xp.empty(recv.shape, dtype=self.xp.float32)
+        if y is None:                   # float32, or BF16 rows for the wire (GPU, bf16)
+            y = self.xp.empty(recv.shape, dtype=recv.dtype)
         chunk = max(CHUNK_ROWS, int(CHUNK_FLOP / (4 * meta.hidden_size * meta.moe_ffn_size)))
         for e, rows in plan.expert_slices():
             w_in, w_out = layer.experts[e]
@@ -293,7 +293,7 @@ class MicroBatch:
                 rows = backend.index(rows)      # one host->device copy per expert, not per chunk
                 parts = [rows[s:s + chunk] for s in range(0, len(rows), chunk)]
             for part in parts:
-                y[part] = mlp(recv[part], w_in, w_out, meta.activation)
+                y[part] = backend.mlp(recv[part], w_in, w_out, meta.activation)
                 self.ctx.scheduler.poll()
         self._compute(layer.index, start, "expert")
         return y
@@ -326,7 +326,10 @@ def run_batch(ctx: Context, exchangers: list, x: np.ndarray, token_offset: int,
     ``x`` is on the host; returns the residual stream after the last layer (before the
     final norm), on the host.
     """
-    tasks = [MicroBatch(ctx, ex, ctx.backend.to_device(x[a:b]), token_offset + a, (batch, i))
-             for i, (ex, (a, b)) in enumerate(zip(exchangers, split_rows(len(x), len(exchangers))))]
-    ctx.scheduler.run(tasks)
-    return np.concatenate([ctx.backend.to_host(t.x) for t in tasks])
+    backend = ctx.backend
+    with backend.running():          # on a GPU: every kernel on the backend's one stream
+        tasks = [MicroBatch(ctx, ex, backend.to_device(x[a:b]), token_offset + a, (batch, i))
+                 for i, (ex, (a, b)) in enumerate(zip(exchangers,
+                                                      split_rows(len(x), len(exchangers))))]
+        ctx.scheduler.run(tasks)
+        return np.concatenate([backend.to_host(t.x) for t in tasks])

@@ -7,9 +7,9 @@ other element of the row must come back as it was sent (through BF16 on a BF16 w
 Each case reuses one Exchanger for several rounds of different sizes, so its buffers grow
 while earlier copies may still be in flight.  Exits non-zero on the first violation.
 
-    mpiexec -n P python tests/mpi_dispatch.py [numpy|standin|cupy[-VARIANT]] [HIDDEN] [MAX_TOKENS]
+    mpiexec -n P python tests/mpi_dispatch.py [numpy|standin|cupy] [HIDDEN] [MAX_TOKENS]
 
-VARIANT (for diagnosis on a GPU): pageable, onestream, syncupload, pinnedstaging, nothp.
+On a device in bf16 the dispatch delivers the BF16 rows as they came off the wire.
 """
 
 import sys
@@ -59,7 +59,7 @@ def one_round(comm, backend, ex, placement, local, rng, n, K, hidden, layer, pre
     for e, rows in plan.expert_slices():
         assert e in local
         y[rows, 3] = e                               # tag with the expert that computed it
-    out = backend.to_host(drive(ex.combine(plan, backend.to_device(y), n)))   # [n, K, H]
+    out = backend.to_host(drive(ex.combine(plan, backend.to_device(y, y.dtype), n)))   # [n, K, H]
     for k in range(K):
         live = topk_idx[:, k] >= 0
         assert (out[live, k, 0] == rank).all(), "combine returned another rank's row"
@@ -73,65 +73,20 @@ def one_round(comm, backend, ex, placement, local, rng, n, K, hidden, layer, pre
     assert sent == comm.allreduce(plan.num_recv) == comm.allreduce(int((dest >= 0).sum()))
 
 
-def diagnostic_variant(backend, name):
-    """Variants that each rule one suspect out when the device path fails (tests/gpu_check.py)."""
-    if name.endswith("-pageable"):            # staging through ordinary host memory
-        backend.empty = lambda shape, dtype: np.empty(shape, dtype)
-    if name.endswith("-onestream"):           # host<->device copies in stream order
-        backend.copy = backend.compute
-    if name.endswith("-syncupload"):          # wait for every host-to-device upload
-        def synced(upload):
-            def call(*args):
-                out = upload(*args)
-                backend.synchronize()
-                return out
-            return call
-        backend.to_device, backend.index = synced(backend.to_device), synced(backend.index)
-    if name.endswith("-pinnedstaging"):       # no CUDA copy ever touches pageable memory
-        cp = backend.cp
-
-        def pinned(shape, dtype):
-            dtype = np.dtype(dtype)
-            count = int(np.prod(shape))
-            mem = cp.cuda.alloc_pinned_memory(max(count * dtype.itemsize, 1))
-            return np.frombuffer(mem, dtype, count).reshape(shape)
-
-        def upload(a, dtype=None):
-            a = np.ascontiguousarray(a, dtype=dtype)
-            host = pinned(a.shape, a.dtype)
-            host[...] = a
-            with backend.compute:
-                out = cp.empty(a.shape, dtype=a.dtype)
-                out.set(host, stream=backend.compute)
-            backend.compute.synchronize()
-            return out
-
-        def download(d):
-            with backend.compute:
-                d = cp.ascontiguousarray(d)
-            host = pinned(d.shape, d.dtype)
-            d.get(stream=backend.compute, out=host, blocking=True)
-            return host.copy()
-        backend.to_device, backend.index, backend.to_host = upload, upload, download
-
-
 def main():
     comm = MPI.COMM_WORLD
     name = sys.argv[1] if len(sys.argv) > 1 else "numpy"
     hidden = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     max_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 40
-    if name.endswith("-nothp"):               # diagnosis: no transparent huge pages
-        import ctypes
-        ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)       # PR_SET_THP_DISABLE, before allocations
-    backend = make_backend(name.split("-")[0], comm)
-    diagnostic_variant(backend, name)
+    backend = make_backend(name, comm)
     cases = 0
-    for num_experts in sorted({max(2, comm.size), comm.size + 1, 2 * comm.size}):
-        for precision in ("fp32", "bf16"):
-            for blocking in (False, True):
-                check(comm, backend, num_experts, precision, blocking, num_experts, hidden,
-                      max_tokens)
-                cases += 1
+    with backend.running():
+        for num_experts in sorted({max(2, comm.size), comm.size + 1, 2 * comm.size}):
+            for precision in ("fp32", "bf16"):
+                for blocking in (False, True):
+                    check(comm, backend, num_experts, precision, blocking, num_experts, hidden,
+                          max_tokens)
+                    cases += 1
     if comm.rank == 0:
         print(f"dispatch invariants hold: {cases} cases x 4 rounds on {comm.size} ranks, "
               f"{backend.describe()}, hidden {hidden}, up to {max_tokens} tokens")

@@ -15,9 +15,10 @@ def test_invariants_under_mpi(n):
     assert f"on {n} ranks" in proc.stdout
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_invariants_through_the_gpu_path(n):
-    """The stand-in GPU backend: staged buffers, streams, events; buffers growing per round."""
+    """The stand-in GPU backend (CuPy's stream, copy and pool rules): staged buffers,
+    events, fp32 and bf16 wires, buffers growing per round."""
     proc = mpirun(n, Path(__file__).with_name("mpi_dispatch.py"), "standin", 16, 200,
                   python=True, timeout=90)
     assert f"on {n} ranks" in proc.stdout and "standin" in proc.stdout

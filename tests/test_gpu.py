@@ -45,34 +45,43 @@ def use(backend) -> list:
             *(["--set", "backend.unverified_gpu=true"] if backend == "cupy" else [])]
 
 
+# bf16 against the float64 reference on the tiny model (BF16 weights, intermediate and
+# output in the expert GEMMs, BF16 on the wire): measured 5.1e-3 on the stand-in at 1 to 4
+# ranks (the numpy backend, BF16 on the wire alone: 2.0e-3)
+BF16_BOUND = 1.5e-2
+
+
 def hidden(path):
     with h5py.File(path, "r") as f:
         return f["hidden"][()]
 
 
-@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_gpu_path_matches_reference(files, tmp_path, backend, n):
-    """fp32 within 1e-4 of float64 at 1, 2, 4 ranks sharing one GPU; staged == CUDA-aware."""
+    """fp32 within 1e-4 of float64 and bf16 within its bound, at 1 to 4 ranks sharing one
+    GPU, staged through pinned memory; at 2 ranks, staged equals CUDA-aware."""
     ref = reference(files / "e4.h5", files / "tok.h5")
     outs = {}
-    for aware in ("no", "yes"):
-        out = tmp_path / f"{aware}.h5"
+    for precision, aware in [("fp32", "no"), ("bf16", "no"), *([("fp32", "yes")] if n == 2 else [])]:
+        out = tmp_path / f"{precision}-{aware}.h5"
         args = ["run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "-o", out,
-                *use(backend), "--set", f"backend.cuda_aware={aware}",
+                *use(backend), "--set", f"backend.cuda_aware={aware}", "--precision", precision,
                 "--micro-batches", "2"]
         takes = mpi_takes_device_buffers(backend) if aware == "yes" else "yes"
         if takes == "unknown":
-            return                                # the library cannot say: nothing to check
+            continue                              # the library cannot say: nothing to check
         if takes == "no":
             # device buffers into an MPI without CUDA support: refused, not crashed
             proc = mpirun(n, *args, check=False)
             assert proc.returncode != 0 and "reports no CUDA support" in proc.stderr
             assert not out.exists()
-            return
+            continue
         mpirun(n, *args)
-        outs[aware] = hidden(out)
-        assert rel_l2(outs[aware], ref) <= 1e-4
-    assert rel_l2(outs["yes"], outs["no"]) <= 1e-6
+        outs[precision, aware] = hidden(out)
+        err = rel_l2(outs[precision, aware], ref)
+        assert err <= 1e-4 if precision == "fp32" else 1e-5 < err <= BF16_BOUND
+    if ("fp32", "yes") in outs:
+        assert rel_l2(outs["fp32", "yes"], outs["fp32", "no"]) <= 1e-6
 
 
 def mpi_takes_device_buffers(backend) -> str:
@@ -109,15 +118,6 @@ def test_a_rank_without_gpu_ends_the_job(files, tmp_path):
     assert not (tmp_path / "o.h5").exists()
 
 
-def test_gpu_bf16_bound(files, tmp_path, backend):
-    """BF16 weights in the expert GEMMs and BF16 on the wire: measured ~9e-3 on this model."""
-    ref = reference(files / "e4.h5", files / "tok.h5")
-    out = tmp_path / "bf16.h5"
-    mpirun(2, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "-o", out,
-           *use(backend), "--precision", "bf16")
-    assert 1e-5 < rel_l2(hidden(out), ref) <= 3e-2
-
-
 def test_device_binding_by_node_local_rank(backend):
     """Ranks take device ``local rank mod visible GPUs``: two stand-in GPUs, four ranks."""
     env = {"MOEMPI_STANDIN_GPUS": "2"}
@@ -139,12 +139,15 @@ def test_staged_buffers_report_readiness_through_events():
     assert isinstance(out, np.ndarray) and not isinstance(out, cupy_standin.ndarray)  # pinned host
     ready = backend.pack(h, backend.index(np.array([3, 1])), out, bf16=False)
     assert ready.Test() is False and ready.keep                # still copying: keep the source
+    assert np.isnan(out).all()                # MPI must not read it yet: not landed
     while not ready.Test():
         pass
     assert ready.keep == ()
     assert out.tolist() == [[9, 10, 11], [3, 4, 5]]
-    back = backend.unpack(out, bf16=False)
-    assert isinstance(back, cupy_standin.ndarray) and back.tolist() == out.tolist()
+    with backend.running():
+        back = backend.unpack(out, bf16=False)
+    assert isinstance(back, cupy_standin.ndarray)
+    assert backend.to_host(back).tolist() == out.tolist()
 
 
 def test_gpu_bench_table(backend):
