@@ -100,12 +100,11 @@ class Config:
         if self.backend.cuda_aware not in ("auto", "yes", "no"):
             raise MoempiError("config: backend.cuda_aware must be auto, yes or no")
         if self.backend.name == "cupy" and not self.backend.unverified_gpu:
-            # the CuPy backend gave wrong hidden states on an H100 (README, "GPU status"):
-            # a run must not hand users wrong results without their asking for it
-            raise MoempiError("config: backend cupy is not yet correct on a real GPU (its "
-                              "exchange returned rows to the wrong tokens on an H100; README, "
-                              "'GPU status'): use backend.name=numpy, or set "
-                              "backend.unverified_gpu=true to run it anyway (to debug it)")
+            # correct on the stand-in, but not yet verified on a GPU since the ordering fix
+            # (README, "GPU"): a run must not hand users unverified results unasked
+            raise MoempiError("config: backend cupy has not yet passed `make gpu-check` on a "
+                              "GPU (README, 'GPU'): use backend.name=numpy, or set "
+                              "backend.unverified_gpu=true to run it anyway")
         return self
 
 

@@ -135,7 +135,7 @@ def test_unknown_config_key(files, tmp_path):
 def test_cupy_backend_refused_until_verified(files, tmp_path):
     """It gave wrong results on a real GPU: refused unless asked for (before any GPU is used)."""
     expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
-                                 "--set", "backend.name=cupy"], "backend cupy is not yet correct")
+                                 "--set", "backend.name=cupy"], "backend cupy has not yet passed")
 
 
 def test_bad_set_value(files, tmp_path):
