@@ -302,6 +302,11 @@ def test_requeue_resumes_from_checkpoint(cluster, long_inputs, tmp_path):
     # Slurm holds a requeued job for ~2 minutes (EligibleTime); release it once it is pending
     _wait_for(lambda: any(j.get("JobState") == "PENDING" for j in cluster.jobs(job)), 60,
               f"job {job} to be pending again after the requeue")
+    # and the node done with the killed run: slurmd refuses a relaunch while the job's old
+    # credential is still revoked ("Job credential revoked"), which fails the job
+    _wait_for(lambda: cluster.cmd("sinfo", "-h", "-o", "%t").stdout.strip() == "idle", 60,
+              "the node to be idle after the requeue")
+    time.sleep(2)
     cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
     [state] = cluster.wait(job, timeout=2 * JOB_TIMEOUT, logs=[log])
     completed(state, log)
