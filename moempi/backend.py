@@ -171,8 +171,8 @@ class DeviceBackend(HostBackend):
         """Kernels must go to this backend's stream: a ``with`` block left elsewhere (or a
         ``use()``) would send them to the null stream, which ours does not wait for."""
         if self.cp.cuda.get_current_stream() != self.stream:
-            raise RuntimeError("GPU work issued outside the backend's stream (enter "
-                               "backend.running() around the forward pass)")
+            raise RuntimeError("GPU work issued outside the backend's stream (run it inside "
+                               "DeviceBackend.running())")
 
     def to_device(self, a, dtype=np.float32):
         with self.stream:
