@@ -18,7 +18,7 @@ import os
 import h5py
 import numpy as np
 
-from . import parallel
+from . import files, parallel
 from .errors import MoempiError
 
 STATE = ("tokens_per_expert", "traffic", "rows_computed", "rerouted", "dropped")
@@ -63,6 +63,16 @@ def scan(path: str, expected: str) -> dict:
     return {"done": done, "micro_batches": micro}
 
 
+def check_checkpoint_path(path: str, inputs: dict[str, str]) -> None:
+    """Rank 0, before any work: ``path`` must be a folder (or not exist yet) holding no input
+    (its batch files are removed when the output is complete)."""
+    files.check_not_input(path, inputs, "checkpoint")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MoempiError(f"{path}: checkpoint path is a file, not a folder")
+    for name in glob.glob(os.path.join(glob.escape(path), "batch-*.h5")):
+        files.check_not_input(name, inputs, "checkpoint")
+
+
 def checkpoint_complete(path: str) -> bool:
     """Whether ``path`` holds every batch of its run (the run finished; only clean-up was left)."""
     done = _count_done(path)
@@ -93,7 +103,7 @@ class Checkpoint:
         f = tmp = ds = offsets = None
         if world.rank == 0:
             final = _batch_file(self.path, batch)
-            tmp = final + ".partial"
+            tmp = files.register(final)
             f = h5py.File(tmp, "w")
             f.attrs.update(fingerprint=self.expected, batch=batch, micro_batches=micro_batches,
                            num_batches=self.num_batches)
@@ -118,12 +128,14 @@ class Checkpoint:
                 f["history/bias"] = np.stack(history["bias"])
                 f["history/tokens_per_expert"] = np.stack(history["tokens_per_expert"])
                 f.close()
-                os.replace(tmp, final)
+                os.replace(tmp, final)      # a batch file is rewritten only by its own run
         except BaseException:
             if f:
                 f.close()
-                os.unlink(tmp)
             raise
+        finally:
+            if tmp:
+                files.release(tmp)
         world.Barrier()
 
     def restore(self, done: int, hidden: np.ndarray, routing: dict | None, tel, history: dict,

@@ -84,7 +84,7 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
         if big:
             click.echo(f"  layer {done}/{total}", err=True)
 
-    write_model(out, meta, seed, progress)
+    write_model(out, meta, seed, progress, overwrite)
 
 
 @cli.command("make-tokens")
@@ -98,14 +98,16 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def make_tokens(out, num_tokens, model, hidden, seed, dtype, overwrite):
     """Write N synthetic tokens /tokens [N, H] (seeded normal values) to OUT."""
+    from .files import check_not_input
     from .hdf5 import read_model_meta, write_tokens
     if (model is None) == (hidden is None):
         raise MoempiError("make-tokens: give exactly one of --model and --hidden")
     if model:
         hidden = read_model_meta(model).hidden_size
+        check_not_input(out, {"model": model})
     if os.path.exists(out) and not overwrite:
         raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
-    write_tokens(out, num_tokens, hidden, seed, dtype)
+    write_tokens(out, num_tokens, hidden, seed, dtype, overwrite)
     click.echo(f"wrote {out}: {num_tokens} tokens, hidden {hidden}, {dtype}")
 
 

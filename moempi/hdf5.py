@@ -10,6 +10,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 
+from . import files
 from .errors import MoempiError
 from .shapes import ModelMeta
 
@@ -56,15 +57,47 @@ def read_f32(ds: h5py.Dataset, sel=()) -> np.ndarray:
     return np.asarray(data, dtype=np.float32)
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"     # at offset 0, or 512, 1024, ... after a user block
+
+
+def _has_signature(path: str) -> bool:
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            f.seek(offset)
+            head = f.read(len(HDF5_SIGNATURE))
+            if head == HDF5_SIGNATURE:
+                return True
+            if len(head) < len(HDF5_SIGNATURE):
+                return False
+            offset = 512 if offset == 0 else 2 * offset
+
+
 def open_h5(path: str, what: str) -> h5py.File:
-    """Open an HDF5 file for reading; missing, truncated or not HDF5 is a one-line error."""
+    """Open an HDF5 file for reading; each way it can fail is a one-line error saying which:
+    missing, a directory, unreadable, another format, locked by a writer, truncated."""
     if not os.path.exists(path):
         raise MoempiError(f"{path}: {what} file not found")
+    if os.path.isdir(path):
+        raise MoempiError(f"{path}: is a directory, not a {what} file")
+    try:
+        signed = _has_signature(path)
+    except PermissionError:
+        raise MoempiError(f"{path}: permission denied reading the {what} file") from None
+    except OSError as exc:
+        raise MoempiError(f"{path}: cannot read the {what} file: {exc.strerror}") from None
+    if not signed:
+        raise MoempiError(f"{path}: not an HDF5 file (no HDF5 signature; a {what} file must "
+                          "be HDF5)")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise MoempiError(f"{path}: cannot open {what} as HDF5 (truncated or not HDF5?): "
-                          f"{str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        if "lock" in first.lower():
+            raise MoempiError(f"{path}: the {what} file is locked by another process (still "
+                              f"being written?): {first}") from None
+        raise MoempiError(f"{path}: cannot open the {what} file (truncated or damaged HDF5): "
+                          f"{first}") from None
 
 
 # -- model -----------------------------------------------------------------------------
@@ -193,12 +226,14 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng([seed, *key])
 
 
-def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None) -> None:
+def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None,
+                overwrite: bool = False) -> None:
     """Write a random model, one slab at a time, so a full-size model never sits in memory.
 
     Matrices are N(0, 1/fan_in) so every layer adds an O(1) update to the residual stream;
     the gate is scaled so routing scores are well separated; norms are 1 + N(0, 0.1).
-    Written to a temporary name and renamed: complete or absent.
+    Written to a temporary name and published (never replacing a file that appeared
+    meanwhile, unless ``overwrite``): complete or absent.
     """
     meta.validate(source=path)
     H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
@@ -218,7 +253,7 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None) -> Non
             else:
                 ds[i] = data
 
-    with _write_atomically(path) as f:
+    with _write_atomically(path, overwrite) as f:
         f.attrs["format"] = MODEL_FORMAT
         f.attrs["version"] = MODEL_VERSION
         for name in INT_ATTRS:
@@ -254,12 +289,12 @@ TOKEN_CHUNK = 4096
 
 
 def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", overwrite: bool = False) -> None:
     """Write ``/tokens`` `[N, H]` of N(0, 1) values, chunk by chunk (seeded per chunk)."""
     if num_tokens < 1 or hidden < 1:
         raise MoempiError("make-tokens: --num-tokens and the hidden size must be >= 1")
     np_dtype = np.uint16 if dtype == BF16 else np.dtype(dtype)
-    with _write_atomically(path) as f:
+    with _write_atomically(path, overwrite) as f:
         ds = f.create_dataset("tokens", shape=(num_tokens, hidden), dtype=np_dtype,
                               chunks=(min(num_tokens, max(1, 2**20 // hidden)), hidden))
         if dtype == BF16:
@@ -296,27 +331,22 @@ def read_tokens(path: str, start: int, stop: int) -> np.ndarray:
 
 
 # -- output ----------------------------------------------------------------------------
-def _partial_name(path: str) -> str:
-    head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
-
-
 @contextlib.contextmanager
-def _write_atomically(path: str):
-    """A new HDF5 file written under a temporary name and renamed to ``path`` when the block
-    ends without error: complete or absent."""
-    tmp = _partial_name(path)
-    try:
+def _write_atomically(path: str, overwrite: bool = False):
+    """A new HDF5 file written under a temporary name and published as ``path`` when the
+    block ends without error (:func:`moempi.files.publish`): complete or absent."""
+    with files.temporary(path) as tmp:
         with h5py.File(tmp, "w") as f:
             yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        files.publish(tmp, path, overwrite)
 
 
-def check_output_path(path: str, overwrite: bool) -> None:
-    """Fail early, before any work, where the output could not be written at the end."""
+def check_output_path(path: str, overwrite: bool, inputs: dict[str, str] | None = None) -> None:
+    """Fail early, before any work, where the output could not be written at the end or
+    would destroy an input (``inputs``: what -> path)."""
+    if os.path.isdir(path):
+        raise MoempiError(f"{path}: output is a directory (name a file)")
+    files.check_not_input(path, inputs or {})
     if os.path.exists(path) and not overwrite:
         raise MoempiError(f"{path}: output exists (pass --overwrite to replace it)")
     folder = os.path.dirname(os.path.abspath(path))
@@ -335,8 +365,8 @@ class OutputWriter:
 
     def __init__(self, path: str, overwrite: bool = False):
         check_output_path(path, overwrite)
-        self.path = path
-        self.tmp = _partial_name(path)
+        self.path, self.overwrite = path, overwrite
+        self.tmp = files.register(path)
         self.file = h5py.File(self.tmp, "w")
 
     def __enter__(self):
@@ -365,11 +395,13 @@ class OutputWriter:
 
     def commit(self) -> None:
         self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            files.publish(self.tmp, self.path, self.overwrite)
+        finally:
+            files.release(self.tmp)
 
     def discard(self) -> None:
         try:
             self.file.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            files.release(self.tmp)

@@ -12,10 +12,11 @@ import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
-from . import __version__, hdf5, parallel
+from . import __version__, files, hdf5, parallel
 from .backend import make_backend
 from .balance import BiasBalancer, max_violation
-from .checkpoint import Checkpoint, checkpoint_complete, fingerprint, scan
+from .checkpoint import (Checkpoint, check_checkpoint_path, checkpoint_complete, fingerprint,
+                         scan)
 from .config import Config
 from .dispatch import Exchanger, probe_exchange_step, probe_network
 from .errors import MoempiError
@@ -41,6 +42,7 @@ class Setup:
     placement: Placement
     num_tokens: int
     default_placement: bool
+    notes: tuple = ()            # warnings for the user: questionable but accepted input
 
 
 def prepare(cfg: Config, ep: int) -> Setup:
@@ -50,16 +52,42 @@ def prepare(cfg: Config, ep: int) -> Setup:
         meta = hdf5.meta_from_file(f, run.model)
         hdf5.check_model_datasets(f, meta, run.model)
     num_tokens, hidden = hdf5.tokens_shape(run.tokens)
+    if num_tokens == 0:
+        raise MoempiError(f"{run.tokens}: /tokens has no rows: nothing to run")
     if hidden != meta.hidden_size:
         raise MoempiError(f"{run.tokens}: tokens have hidden size {hidden} but the model "
                           f"{run.model} has {meta.hidden_size}")
+    notes = []
     if run.placement:
         placement = Placement.load(run.placement, meta.moe_layers)
         placement.validate(ep, meta.num_experts, cfg.parallel.allow_packing, run.placement)
+        if placement.defaulted:
+            notes.append(f"placement {run.placement} lists no hosts for MoE layer(s) "
+                         f"{layer_ranges(placement.defaulted)}: they use the default "
+                         "placement (DESIGN.md §2.4)")
     else:
         placement = Placement.default(meta.num_experts, ep, meta.moe_layers)
-    hdf5.check_output_path(run.output, run.overwrite)
-    return Setup(meta, placement, num_tokens, not run.placement)
+        if meta.num_experts > ep:
+            notes.append(f"{meta.num_experts} experts on {ep} ranks: packing "
+                         f"{-(-meta.num_experts // ep)} experts per rank (default placement)")
+    inputs = {"model": run.model, "tokens": run.tokens, "placement": run.placement}
+    hdf5.check_output_path(run.output, run.overwrite, inputs)
+    notes += files.sweep(run.output)
+    if run.checkpoint:
+        check_checkpoint_path(run.checkpoint, inputs)
+        notes += files.sweep(run.checkpoint) if os.path.isdir(run.checkpoint) else []
+    return Setup(meta, placement, num_tokens, not run.placement, tuple(notes))
+
+
+def layer_ranges(layers) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs, layers = [], sorted(layers)
+    for l in layers:
+        if runs and l == runs[-1][1] + 1:
+            runs[-1][1] = l
+        else:
+            runs.append([l, l])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class Progress:
@@ -152,9 +180,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         return cfg.run.output
     setup = parallel.root_call(world, prepare, cfg, layout.ep)
     meta, placement = setup.meta, setup.placement
-    if setup.default_placement and meta.num_experts > layout.ep:
-        say(world, f"warning: {meta.num_experts} experts on {layout.ep} ranks: packing "
-                   f"{-(-meta.num_experts // layout.ep)} experts per rank (default placement)")
+    for note in setup.notes:
+        say(world, f"warning: {note}")
     say(world, f"moempi {__version__}: {world.size} ranks (ep={layout.ep}, dp={layout.dp}), "
                f"{meta.num_layers} layers ({meta.num_dense_layers} dense), {meta.num_experts} "
                f"experts, hidden {meta.hidden_size}, {setup.num_tokens} tokens, "

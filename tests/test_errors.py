@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import time
 
 import h5py
 import numpy as np
+import pytest
 
-from conftest import moempi, mpirun
+from conftest import MOEMPI, MPI_ENV, MPIEXEC, moempi, mpirun
+
+
+def single_line(stderr: str) -> bool:
+    """One line of error (per rank that says it), no traceback."""
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    return len(set(lines)) == 1 and "Traceback" not in stderr
 
 
 def expect_failure(tmp_path, n, args, message, timeout=40):
@@ -193,3 +202,102 @@ def test_memory_check_refuses_what_cannot_fit(files, tmp_path):
     """The start-up memory check (the performance model's formulas) refuses, naming the need."""
     expect_failure(tmp_path, 2, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
                                  "--set", "run.gpu_memory_gb=0.0001"], "GB per GPU of")
+
+
+# -- inputs are never destroyed ---------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 3])
+def test_output_naming_an_input_is_refused(files, tmp_path, n):
+    """By another path to the same file, and with --overwrite: refused before any work."""
+    model = copy_model(files, tmp_path)
+    tokens = tmp_path / "tokens.h5"
+    shutil.copy(files / "tok.h5", tokens)
+    (tmp_path / "sub").mkdir()
+    os.symlink(tokens, tmp_path / "sub" / "link.h5")
+    before = model.read_bytes(), tokens.read_bytes()
+    for flag, target in (("--output", tmp_path / "sub" / ".." / "model.h5"),
+                         ("--output", tmp_path / "sub" / "link.h5"),
+                         ("--checkpoint", tmp_path / "sub" / "link.h5")):
+        start = time.monotonic()
+        proc = mpirun(n, "run", "--model", model, "--tokens", tokens, flag, target,
+                      "--overwrite", check=False, timeout=40)
+        assert proc.returncode != 0 and time.monotonic() - start < 30
+        assert "would destroy the input" in proc.stderr, proc.stderr
+        assert single_line(proc.stderr)
+    assert (model.read_bytes(), tokens.read_bytes()) == before
+
+
+def test_make_tokens_onto_its_model_is_refused(files, tmp_path):
+    model = copy_model(files, tmp_path)
+    before = model.read_bytes()
+    proc = moempi("make-tokens", model, "-n", "10", "--model", model, "--overwrite", check=False)
+    assert proc.returncode == 1 and "would destroy the input" in proc.stderr
+    assert model.read_bytes() == before
+
+
+APPEARS = """
+import sys
+from moempi import cli, hdf5
+original = hdf5.OutputWriter.commit
+def commit(self):                        # another job publishes the same output meanwhile
+    open(self.path, "w").write("the other job's output")
+    original(self)
+hdf5.OutputWriter.commit = commit
+sys.argv = ["moempi", "run"] + sys.argv[1:]
+cli.main()
+"""
+
+
+def test_output_that_appeared_meanwhile_is_not_replaced(files, tmp_path):
+    script, out = tmp_path / "appears.py", tmp_path / "out.h5"
+    script.write_text(APPEARS)
+    proc = mpirun(2, script, "--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                  "--output", out, python=True, check=False, timeout=60)
+    assert proc.returncode != 0 and "appeared while this job ran" in proc.stderr
+    assert out.read_text() == "the other job's output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appears.py", "out.h5"]
+
+
+def test_two_jobs_with_one_output(files, tmp_path):
+    """Started together without --overwrite: one writes the output, the other fails."""
+    out = tmp_path / "out.h5"
+    cmd = [MPIEXEC, "-n", "1", *MOEMPI, "run", "--model", str(files / "e4.h5"),
+           "--tokens", str(files / "tok.h5"), "--output", str(out), "--micro-batches", "1"]
+    env = {**os.environ, **MPI_ENV}
+    jobs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env) for _ in range(2)]
+    results = [(job.wait(timeout=60), job.stderr.read()) for job in jobs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    failed = next(err for rc, err in results if rc)
+    assert "output exists" in failed or "appeared while this job ran" in failed
+    with h5py.File(out, "r") as f:
+        assert f["hidden"].shape == (300, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+
+
+# -- questionable input is refused or named ---------------------------------------------
+@pytest.mark.parametrize("n", [1, 3])
+def test_zero_tokens_refused(files, tmp_path, n):
+    tokens = tmp_path / "empty.h5"
+    with h5py.File(tokens, "w") as f:
+        f.create_dataset("tokens", shape=(0, 64), dtype="f4")
+    proc = expect_failure(tmp_path, n, ["--model", files / "e4.h5", "--tokens", tokens],
+                          f"{tokens}: /tokens has no rows")
+    assert single_line(proc.stderr)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_model_that_is_not_a_model_file(files, tmp_path, n):
+    """A directory, a file of another format, a file locked by a writer: each said as such."""
+    folder = tmp_path / "model_dir"
+    folder.mkdir()
+    other = tmp_path / "model.json"
+    other.write_text('{"format": "moempi-placement"}')
+    locked = copy_model(files, tmp_path)
+    cases = [(folder, "is a directory, not a model file"),
+             (other, "not an HDF5 file"),
+             (locked, "locked by another process")]
+    with h5py.File(locked, "a"):                     # a writer holds the lock meanwhile
+        for model, message in cases:
+            proc = expect_failure(tmp_path, n, ["--model", model, "--tokens", files / "tok.h5"],
+                                  f"{model}: ")
+            assert message in proc.stderr and single_line(proc.stderr), proc.stderr

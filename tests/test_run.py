@@ -111,9 +111,11 @@ def test_placement_json(files, tmp_path):
     pfile = tmp_path / "p.json"
     pfile.write_text(json.dumps(placement))
     ref = reference(files / "e4.h5", files / "tok.h5")
-    path, _ = run(files, tmp_path, 2, "e4.h5", "tok.h5", "--placement", pfile,
-                  "--set", "parallel.allow_packing=true", "--save-routing")
+    path, proc = run(files, tmp_path, 2, "e4.h5", "tok.h5", "--placement", pfile,
+                     "--set", "parallel.allow_packing=true", "--save-routing")
     assert rel_l2(hidden(path), ref) <= EXACT
+    assert (f"warning: placement {pfile} lists no hosts for MoE layer(s) 1, 3, 5: they use "
+            "the default placement") in proc.stdout
     with h5py.File(path, "r") as f:
         idx, dest = f["routing/002/topk_idx"][()], f["routing/002/dest_rank"][()]
         assert (dest == np.array([1, 0, 1, 0])[idx]).all()
