@@ -6,10 +6,11 @@ import math
 import os
 import shlex
 import sys
+import threading
 
 import click
 
-from . import __version__
+from . import __version__, signals
 from .errors import CollectiveError, MoempiError
 from .shapes import ACTIVATIONS, PRESETS, WEIGHT_DTYPES
 
@@ -67,14 +68,14 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
                activation, dtype, no_final_norm, seed, overwrite):
     """Write a random model checkpoint OUT (HDF5, DESIGN.md §2.1), one expert slab at a time."""
     from .hdf5 import model_shapes, write_model
+    signals.install()
     changes = {k: v for k, v in dict(num_experts=experts, num_layers=layers,
                                       num_dense_layers=dense_layers, hidden_size=hidden,
                                       moe_ffn_size=ffn, dense_ffn_size=dense_ffn, top_k=top_k,
                                       activation=activation, weight_dtype=dtype).items()
                if v is not None}
     meta = PRESETS[preset].replace(**changes, has_final_norm=not no_final_norm).validate(out)
-    if os.path.exists(out) and not overwrite:
-        raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
+    _check_new_file(out, overwrite)
     size = sum(math.prod(shape) for shape in model_shapes(meta).values()) * meta.weight_bytes
     click.echo(f"writing {out}: {meta.num_layers} layers, {meta.num_experts} experts, hidden "
                f"{meta.hidden_size}, {meta.weight_dtype}, {size / 2**30:.2f} GiB")
@@ -100,15 +101,27 @@ def make_tokens(out, num_tokens, model, hidden, seed, dtype, overwrite):
     """Write N synthetic tokens /tokens [N, H] (seeded normal values) to OUT."""
     from .files import check_not_input
     from .hdf5 import read_model_meta, write_tokens
+    signals.install()
     if (model is None) == (hidden is None):
         raise MoempiError("make-tokens: give exactly one of --model and --hidden")
     if model:
         hidden = read_model_meta(model).hidden_size
         check_not_input(out, {"model": model})
-    if os.path.exists(out) and not overwrite:
-        raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
+    _check_new_file(out, overwrite)
     write_tokens(out, num_tokens, hidden, seed, dtype, overwrite)
     click.echo(f"wrote {out}: {num_tokens} tokens, hidden {hidden}, {dtype}")
+
+
+def _check_new_file(out: str, overwrite: bool) -> None:
+    """Before writing ``out``: it may be replaced only with --overwrite; a dead process's
+    temporary files of it are removed (or named, when they may be another job's)."""
+    from .files import sweep
+    if os.path.isdir(out):
+        raise MoempiError(f"{out}: is a directory (name a file)")
+    if os.path.exists(out) and not overwrite:
+        raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
+    for note in sweep(out):
+        click.echo(f"moempi: warning: {note}", err=True)
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -146,6 +159,7 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
     from .runner import run_job
 
     world = MPI.COMM_WORLD
+    signals.install(world)
     try:
         overrides = {}
         for item in sets:
@@ -161,6 +175,8 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
         overrides.update({k: v for k, v in flags.items() if v is not None})
         cfg = parallel.root_call(world, lambda: expand_names(load_config(config, overrides)))
         run_job(world, cfg, shlex.join(sys.argv))
+        # the ranks done first wait, under the signal watcher, until rank 0 has published
+        world.Barrier()
     except BaseException as exc:
         _end_job(world, exc)
 
@@ -168,6 +184,10 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
 def _end_job(world, exc: BaseException) -> None:
     """How an MPI command ends on an exception: never with other ranks left waiting."""
     from . import parallel
+    if signals.stopping():
+        # a signal ends this process (moempi.signals): a failure it caused in this thread,
+        # e.g. a peer gone from an exchange, is no news
+        threading.Event().wait()
     if isinstance(exc, CollectiveError):
         # every rank raised it together: rank 0 says it once, all exit non-zero
         if world.rank == 0:
