@@ -10,14 +10,18 @@ import threading
 
 import click
 
-from . import __version__, signals
+from . import __version__, errors, signals
 from .errors import CollectiveError, MoempiError
 from .shapes import ACTIVATIONS, PRESETS, WEIGHT_DTYPES
+
+PROGRESS_BYTES = 256 << 20      # writes at least this large show a progress bar
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="moempi")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected failure "
+              "(otherwise one line: out of memory, disk full, ...).")
+def cli(debug):
     """moempi: the forward pass of a DeepSeek-V3-shaped Mixture-of-Experts stack with
     large expert parallelism: one MPI rank per GPU, each rank owning one expert of every
     MoE layer, tokens exchanged with (nonblocking) Alltoallv, layer by layer.
@@ -29,6 +33,7 @@ def cli():
       mpiexec -n 4 moempi run --model model.h5 --tokens tokens.h5 --output out.h5
       moempi inspect out.h5
     """
+    errors.DEBUG = debug
 
 
 def main():
@@ -43,6 +48,15 @@ def main():
     except MoempiError as exc:
         click.echo(f"moempi: error: {exc}", err=True)
         sys.exit(1)
+    except Exception as exc:                 # a serial command (init-model, make-tokens, ...)
+        if errors.DEBUG:
+            click.echo(errors.traceback_text(exc), err=True)
+        click.echo(f"moempi: error: {errors.describe(exc)}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # after a failed write HDF5 can crash the interpreter's teardown; the temporary
+        # file is already removed, so skip it
+        os._exit(1)
 
 
 # -- synthetic inputs -----------------------------------------------------------------------
@@ -67,6 +81,7 @@ def main():
 def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ffn, top_k,
                activation, dtype, no_final_norm, seed, overwrite):
     """Write a random model checkpoint OUT (HDF5, DESIGN.md §2.1), one expert slab at a time."""
+    from .files import check_free_space
     from .hdf5 import model_shapes, write_model
     signals.install()
     changes = {k: v for k, v in dict(num_experts=experts, num_layers=layers,
@@ -77,15 +92,17 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
     meta = PRESETS[preset].replace(**changes, has_final_norm=not no_final_norm).validate(out)
     _check_new_file(out, overwrite)
     size = sum(math.prod(shape) for shape in model_shapes(meta).values()) * meta.weight_bytes
+    check_free_space(out, size)
     click.echo(f"writing {out}: {meta.num_layers} layers, {meta.num_experts} experts, hidden "
                f"{meta.hidden_size}, {meta.weight_dtype}, {size / 2**30:.2f} GiB")
-    big = size > 2**30
+    with _progress(size, meta.num_layers, "layers") as bar:
+        write_model(out, meta, seed, lambda done, total: bar.update(1), overwrite)
 
-    def progress(done, total):
-        if big:
-            click.echo(f"  layer {done}/{total}", err=True)
 
-    write_model(out, meta, seed, progress, overwrite)
+def _progress(nbytes: int, steps: int, what: str):
+    """A progress bar on stderr over ``steps`` for a write of ``nbytes`` (hidden when small)."""
+    return click.progressbar(length=steps, label=f"  {what}", file=sys.stderr, show_pos=True,
+                             hidden=nbytes < PROGRESS_BYTES)
 
 
 @cli.command("make-tokens")
@@ -99,8 +116,8 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def make_tokens(out, num_tokens, model, hidden, seed, dtype, overwrite):
     """Write N synthetic tokens /tokens [N, H] (seeded normal values) to OUT."""
-    from .files import check_not_input
-    from .hdf5 import read_model_meta, write_tokens
+    from .files import check_free_space, check_not_input
+    from .hdf5 import TOKEN_CHUNK, read_model_meta, write_tokens
     signals.install()
     if (model is None) == (hidden is None):
         raise MoempiError("make-tokens: give exactly one of --model and --hidden")
@@ -108,7 +125,11 @@ def make_tokens(out, num_tokens, model, hidden, seed, dtype, overwrite):
         hidden = read_model_meta(model).hidden_size
         check_not_input(out, {"model": model})
     _check_new_file(out, overwrite)
-    write_tokens(out, num_tokens, hidden, seed, dtype, overwrite)
+    size = num_tokens * hidden * (4 if dtype == "float32" else 2)
+    check_free_space(out, size)
+    with _progress(size, -(-num_tokens // TOKEN_CHUNK), f"{TOKEN_CHUNK}-token chunks") as bar:
+        write_tokens(out, num_tokens, hidden, seed, dtype, overwrite,
+                     lambda done: bar.update(1))
     click.echo(f"wrote {out}: {num_tokens} tokens, hidden {hidden}, {dtype}")
 
 

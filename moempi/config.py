@@ -27,6 +27,8 @@ class RunSection:
     save_routing: bool = False       # write /routing (DESIGN.md §2.3) for `moempi place`
     gpu_memory_gb: float = 0.0       # memory per GPU for the start-up check; 0 = the device's
                                      # own (GPU backends), no check on the numpy backend
+    host_memory_gb: float = 0.0      # host memory per rank for the start-up check; 0 = the
+                                     # node's available memory shared by its ranks
     overwrite: bool = False          # replace an existing output file
 
 
@@ -81,8 +83,8 @@ class Config:
             raise MoempiError("config: run.model is required (a model file; --model)")
         if not r.tokens:
             raise MoempiError("config: run.tokens is required (a tokens file; --tokens)")
-        if r.gpu_memory_gb < 0:
-            raise MoempiError("config: run.gpu_memory_gb must be >= 0")
+        if r.gpu_memory_gb < 0 or r.host_memory_gb < 0:
+            raise MoempiError("config: run.gpu_memory_gb and host_memory_gb must be >= 0")
         if r.precision not in ("fp32", "bf16"):
             raise MoempiError(f"config: run.precision must be fp32 or bf16, not {r.precision!r}")
         if p.ep < 0 or p.tp < 1 or p.dp < 1:

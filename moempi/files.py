@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import socket
 import threading
 
@@ -106,6 +107,16 @@ def publish(tmp: str, path: str, overwrite: bool) -> None:
                               f"to replace another ({exc.strerror}): pass --overwrite") from None
         raise
     os.unlink(tmp)
+
+
+def check_free_space(path: str, nbytes: int) -> None:
+    """Refuse, before writing, a file of ``nbytes`` that the filesystem of ``path`` cannot hold
+    (the temporary file is written whole beside ``path`` before it replaces anything)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise MoempiError(f"{path}: needs {nbytes / 2**30:,.2f} GiB but {folder} has "
+                          f"{free / 2**30:,.2f} GiB free")
 
 
 def same_file(a: str, b: str) -> bool:

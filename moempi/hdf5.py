@@ -289,8 +289,9 @@ TOKEN_CHUNK = 4096
 
 
 def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
-                 dtype: str = "float32", overwrite: bool = False) -> None:
-    """Write ``/tokens`` `[N, H]` of N(0, 1) values, chunk by chunk (seeded per chunk)."""
+                 dtype: str = "float32", overwrite: bool = False, progress=None) -> None:
+    """Write ``/tokens`` `[N, H]` of N(0, 1) values, chunk by chunk (seeded per chunk);
+    ``progress(rows_done)`` after each chunk."""
     if num_tokens < 1 or hidden < 1:
         raise MoempiError("make-tokens: --num-tokens and the hidden size must be >= 1")
     np_dtype = np.uint16 if dtype == BF16 else np.dtype(dtype)
@@ -303,6 +304,8 @@ def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
             stop = min(start + TOKEN_CHUNK, num_tokens)
             x = _rng(seed, 1 << 20, i).standard_normal((stop - start, hidden))
             ds[start:stop] = bf16_bits(x) if dtype == BF16 else x.astype(np_dtype)
+            if progress:
+                progress(stop)
 
 
 def tokens_shape(path: str) -> tuple[int, int]:
@@ -328,6 +331,12 @@ def read_tokens(path: str, start: int, stop: int) -> np.ndarray:
     if bad.any():
         raise MoempiError(f"{path}: /tokens row {start + int(np.argmax(bad))} contains NaN or Inf")
     return x
+
+
+def check_tokens(path: str, start: int, stop: int, rows: int) -> None:
+    """Rows ``start:stop`` of ``/tokens`` finite, read ``rows`` at a time (never all at once)."""
+    for a in range(start, stop, max(1, rows)):
+        read_tokens(path, a, min(a + rows, stop))
 
 
 # -- output ----------------------------------------------------------------------------

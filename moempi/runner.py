@@ -22,6 +22,7 @@ from .dispatch import Exchanger, probe_exchange_step, probe_network
 from .errors import MoempiError
 from .experts import mlp, rmsnorm
 from .heap import keep_freed_memory
+from .memory import available_host_bytes, check_host_memory
 from .model import load_weights
 from .pipeline import TIMINGS, Context, Scheduler, Telemetry, run_batch, split_rows
 from .placement import Placement
@@ -195,7 +196,16 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     if capacity:
         parallel.root_call(world, check_memory, cfg, meta, layout, setup.num_tokens, capacity)
     start, stop = split_rows(setup.num_tokens, world.size)[world.rank]   # this rank's tokens
-    x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start, stop)
+    num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
+    batch = cfg.pipeline.batch_tokens or max(1, max_local)
+    host = cfg.run.host_memory_gb * 1e9
+    if not host:                 # the node's available memory, shared by its ranks
+        host = (available_host_bytes() or 0) / parallel.node_ranks(world)
+    if host:
+        parallel.agree(world, check_host_memory, meta, layout.ep, num_local, min(batch, max_local),
+                       2 if cfg.run.precision == "bf16" else 4, not backend.gpu, host)
+    # NaN/Inf refused before any compute; batch by batch, as the forward pass reads them
+    parallel.agree(world, hdf5.check_tokens, cfg.run.tokens, start, stop, batch)
     t = time.perf_counter()
     expert_to_device = None
     if backend.gpu and cfg.run.precision == "bf16":      # BF16 tensor-core GEMMs
@@ -206,8 +216,6 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                f"({weights.nbytes / 2**20:.1f} MiB on rank 0)")
 
     # batches: the balancing and checkpoint step; the same count on every rank
-    num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
-    batch = cfg.pipeline.batch_tokens or max(1, max_local)
     num_batches = max(1, -(-max_local // batch))
     ckpt, done, resumed_micro = None, 0, 0
     if cfg.run.checkpoint:
@@ -239,7 +247,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
     ctx.on_layer_done = progress
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
-    hidden = np.empty_like(x)
+    hidden = np.empty((num_local, meta.hidden_size), dtype=np.float32)
     if done:
         ckpt.restore(done, hidden, routing, tel, history, balancer.bias)
         say(world, f"resuming from checkpoint {cfg.run.checkpoint}: {done} of {num_batches} "
@@ -255,7 +263,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             history["bias"].append(balancer.bias.copy())
             if progress:
                 progress.new_batch(b, micro_batches)
-            hidden[lo:hi] = run_batch(ctx, exchangers, x[lo:hi], lo, b)
+            x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
+            hidden[lo:hi] = run_batch(ctx, exchangers, x, lo, b)
             load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
             history["tokens_per_expert"].append(load)
             balancer.update(load)

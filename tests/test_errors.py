@@ -301,3 +301,115 @@ def test_model_that_is_not_a_model_file(files, tmp_path, n):
             proc = expect_failure(tmp_path, n, ["--model", model, "--tokens", files / "tok.h5"],
                                   f"{model}: ")
             assert message in proc.stderr and single_line(proc.stderr), proc.stderr
+
+
+# -- resources: checked before work, failures said in one line --------------------------
+def our_lines(stderr: str) -> list[str]:
+    """moempi's own error lines (MPICH adds one 'Abort(1) on node ...' line to an abort)."""
+    assert "Traceback" not in stderr, stderr
+    return [l for l in stderr.splitlines() if l.strip() and not l.startswith("Abort(")]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_host_memory_refused_before_compute(files, tmp_path, n):
+    proc = expect_failure(tmp_path, n, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                                        "--set", "run.host_memory_gb=0.0001"],
+                          "GB of host memory")
+    [line] = set(our_lines(proc.stderr))
+    assert "(run.host_memory_gb): lower pipeline.batch_tokens" in line
+    assert "loaded weights" not in proc.stdout
+
+
+READS = """
+import sys
+from moempi import cli, hdf5
+original = hdf5.read_tokens
+def read_tokens(path, start, stop):
+    assert stop - start <= 16, f"read {stop - start} token rows at once"
+    return original(path, start, stop)
+hdf5.read_tokens = read_tokens
+sys.argv = ["moempi", "run"] + sys.argv[1:]
+cli.main()
+"""
+
+
+def test_run_reads_one_batch_of_tokens_at_a_time(files, tmp_path):
+    script, out = tmp_path / "reads.py", tmp_path / "out.h5"
+    script.write_text(READS)
+    mpirun(2, script, "--model", files / "e4.h5", "--tokens", files / "tok.h5", "--output", out,
+           "--set", "pipeline.batch_tokens=16", python=True)
+    with h5py.File(out, "r") as f:
+        assert f["hidden"].shape == (300, 64)
+
+
+def test_make_tokens_checks_free_disk(tmp_path):
+    out = tmp_path / "t.h5"
+    proc = moempi("make-tokens", out, "-n", str(10**14), "--hidden", "7168", check=False)
+    assert proc.returncode == 1 and single_line(proc.stderr)
+    assert f"{out}: needs " in proc.stderr and "GiB free" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_full_while_writing_is_one_line(tmp_path):
+    """A real failed write (the job's file-size limit, as a full disk fails it): one line."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # the write fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "t.h5"
+    proc = subprocess.run([*MOEMPI, "make-tokens", str(out), "-n", "100000", "--hidden", "16"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=60,
+                          env={**os.environ, **MPI_ENV})
+    assert proc.returncode == 1 and single_line(proc.stderr), proc.stderr
+    assert f"{out}: file too large" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+FAULTS = """
+import errno, os, sys
+from mpi4py import MPI
+from moempi import cli, hdf5, pipeline
+if os.environ["FAULT"] == "memory":
+    original = pipeline.MicroBatch._experts
+    def experts(self, layer, plan, recv):
+        if MPI.COMM_WORLD.rank == MPI.COMM_WORLD.size - 1 and layer.index == 3:
+            raise MemoryError("Unable to allocate 93.1 GiB for an array")
+        return original(self, layer, plan, recv)
+    pipeline.MicroBatch._experts = experts
+else:
+    def array(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.tmp)
+    hdf5.OutputWriter.array = array
+sys.argv = ["moempi"] + sys.argv[1:]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("n,fault,message", [(1, "memory", "rank 0: out of memory"),
+                                             (3, "memory", "rank 2: out of memory"),
+                                             (3, "disk", "out.h5: no space left on the device")])
+def test_out_of_memory_or_disk_is_one_line(files, tmp_path, n, fault, message):
+    script, out = tmp_path / "faults.py", tmp_path / "out.h5"
+    script.write_text(FAULTS)
+    args = [script, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "--output",
+            out]
+    proc = mpirun(n, *args, python=True, check=False, env={"FAULT": fault}, timeout=60)
+    assert proc.returncode != 0
+    [line] = our_lines(proc.stderr)
+    assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faults.py"]
+    debug = mpirun(n, script, "--debug", *args[1:], python=True, check=False,
+                   env={"FAULT": fault}, timeout=60)
+    assert "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_output_that_is_a_directory(files, tmp_path, n):
+    (tmp_path / "out.h5").mkdir()
+    proc = mpirun(n, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5",
+                  "--output", tmp_path / "out.h5", check=False, timeout=40)
+    assert proc.returncode == 1 and single_line(proc.stderr)
+    assert "out.h5: output is a directory" in proc.stderr
