@@ -219,7 +219,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     num_batches = max(1, -(-max_local // batch))
     ckpt, done, resumed_micro = None, 0, 0
     if cfg.run.checkpoint:
-        expected = fingerprint(cfg, world.size, setup.num_tokens, batch)
+        expected = fingerprint(cfg, world.size, setup.num_tokens, batch, placement)
         found = parallel.root_call(world, scan, cfg.run.checkpoint, expected)
         done, resumed_micro = found["done"], found["micro_batches"]
         ckpt = Checkpoint(world, cfg.run.checkpoint, expected, num_batches)
