@@ -198,6 +198,7 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
         run_job(world, cfg, shlex.join(sys.argv))
         # the ranks done first wait, under the signal watcher, until rank 0 has published
         world.Barrier()
+        signals.close()
     except BaseException as exc:
         _end_job(world, exc)
 

@@ -28,6 +28,7 @@ ANSWER_WAIT = 3.0           # seconds a rank waits for the others to have cleane
 POLL = 0.2                  # seconds between the watcher's looks at the relay
 
 _stopping = threading.Event()
+_relays: list = []
 
 
 def stopping() -> bool:
@@ -48,8 +49,16 @@ def install(comm=None) -> None:
         from mpi4py import MPI
         if MPI.Query_thread() == MPI.THREAD_MULTIPLE:    # the watcher calls MPI too
             relay = _Relay(comm.Dup())
+            _relays.append(relay)
     threading.Thread(target=_watch, args=(read_fd, relay), name="moempi-signals",
                      daemon=True).start()
+
+
+def close() -> None:
+    """Before MPI finalises, on every rank together: stop relaying (its pending receive
+    cancelled); a signal then still removes this rank's files."""
+    while _relays:
+        _relays.pop().close()
 
 
 def _ignore(signum, frame) -> None:
@@ -64,6 +73,9 @@ def _watch(fd: int, relay) -> None:
             if sig in SIGNALS:
                 _stop(sig, relay, origin=None)
         elif relay is not None:
+            if relay.closed:
+                relay = None
+                continue
             told = relay.told()
             if told:
                 _stop(told[0], relay, told[1])
@@ -106,14 +118,24 @@ class _Relay:
         self.msg = np.zeros(2, dtype=np.int32)
         self.request = comm.Irecv(self.msg, source=self.any, tag=STOP)
         self.sent = []               # requests (and their buffers) kept until the process ends
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.request.Cancel()
+            self.request.Wait()
+            self.closed = True
+            self.comm.Free()
 
     def told(self):
         """``(signal, origin)`` when another rank relayed a signal, else None."""
-        if not self.request.Test():
-            return None
-        got = int(self.msg[0]), int(self.msg[1])
-        self.request = self.comm.Irecv(self.msg, source=self.any, tag=STOP)   # the next one
-        return got
+        with self.lock:
+            if self.closed or not self.request.Test():
+                return None
+            got = int(self.msg[0]), int(self.msg[1])
+            self.request = self.comm.Irecv(self.msg, source=self.any, tag=STOP)   # the next
+            return got
 
     def _send(self, dest: int, tag: int, values):
         buf = self.np.array(values, dtype=self.np.int32)
