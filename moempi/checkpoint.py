@@ -33,7 +33,8 @@ def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int,
     and the input files' identity (size and modification time)."""
     data = {f"{section}.{key}": value for section, table in cfg.to_dict().items()
             for key, value in table.items()}
-    for key in ("run.output", "run.overwrite", "run.checkpoint", "pipeline.measure_pure_comm"):
+    for key in ("run.output", "run.overwrite", "run.checkpoint", "pipeline.measure_pure_comm",
+                "pipeline.stall_timeout"):
         data.pop(key)
     for key in ("run.model", "run.tokens"):
         st = os.stat(data[key])

@@ -47,6 +47,8 @@ class PipelineSection:
     max_micro_batches: int = 16      # upper bound for the automatic choice
     batch_tokens: int = 0            # tokens per rank per batch (balancing/checkpoint step); 0 = all
     measure_pure_comm: bool = True   # replay each layer's exchange without compute (for overlap %)
+    stall_timeout: float = 300.0     # seconds without progress before a rank says what it waits
+                                     # for and the job ends; 0 = wait for ever
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class Config:
             raise MoempiError(f"config: run.precision must be fp32 or bf16, not {r.precision!r}")
         if p.ep < 0 or p.tp < 1 or p.dp < 1:
             raise MoempiError("config: parallel.ep must be >= 0, tp and dp >= 1")
+        if pl.stall_timeout < 0:
+            raise MoempiError("config: pipeline.stall_timeout must be >= 0 (0: no timeout)")
         if pl.micro_batches < 0 or pl.max_micro_batches < 1 or pl.batch_tokens < 0:
             raise MoempiError("config: pipeline.micro_batches and batch_tokens must be >= 0, "
                               "max_micro_batches >= 1")

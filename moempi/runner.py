@@ -24,9 +24,10 @@ from .experts import mlp, rmsnorm
 from .heap import keep_freed_memory
 from .memory import available_host_bytes, check_host_memory
 from .model import load_weights
-from .pipeline import TIMINGS, Context, Scheduler, Telemetry, run_batch, split_rows
+from .pipeline import TIMINGS, Context, Telemetry, run_batch, split_rows
 from .placement import Placement
 from .shapes import ModelMeta
+from .stall import WatchedScheduler, Watchdog
 
 
 def say(comm: MPI.Comm, msg: str) -> None:
@@ -242,10 +243,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                    for m in range(len(moe_layers))}
     balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
     ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, balancer.bias,
-                  tel, Scheduler(tel), backend, routing, cfg.balance.capacity_factor,
+                  tel, WatchedScheduler(tel), backend, routing, cfg.balance.capacity_factor,
                   cfg.balance.overflow == "reroute")
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
-    ctx.on_layer_done = progress
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
     hidden = np.empty((num_local, meta.hidden_size), dtype=np.float32)
     if done:
@@ -255,9 +255,12 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
                             blocking=not cfg.pipeline.overlap, backend=backend)
                   for _ in range(micro_batches)]
+    watchdog = Watchdog(world, ctx.scheduler, cfg.pipeline.stall_timeout)
+    ctx.on_layer_done = watchdog.progress(progress)
     try:
         t = last_report = time.perf_counter()
         for b in range(done, num_batches):
+            watchdog.new_batch(b)
             lo, hi = min(b * batch, num_local), min((b + 1) * batch, num_local)
             before = tel.tokens_per_expert.copy()
             history["bias"].append(balancer.bias.copy())
@@ -276,6 +279,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                 say(world, f"batch {b + 1}/{num_batches} done, {now - t:.1f} s")
                 last_report = now
         forward_s = time.perf_counter() - t
+        watchdog.close()
         if weights.final_norm is not None:
             hidden = rmsnorm(hidden, backend.to_host(weights.final_norm), meta.norm_eps)
         pure_comm = np.zeros(meta.num_layers)

@@ -1,5 +1,6 @@
-"""Signals: SIGTERM, SIGINT, SIGHUP on any rank or the launcher end the job within seconds, exit
-128 + signal, one line, no temporary file left; a killed process's leftovers are swept."""
+"""Signals and stalls: SIGTERM, SIGINT, SIGHUP on any rank or the launcher end the job within
+seconds, exit 128 + signal, one line, no temporary file left; a killed process's leftovers are
+swept; a stopped rank ends the job after the stall timeout with a diagnosis."""
 
 from __future__ import annotations
 
@@ -131,3 +132,54 @@ def test_killed_process_leftovers_removed_by_next_writer(tmp_path):
     assert f"removed {left}, a temporary file left by process {proc.pid}, which is gone" \
         in again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.py", "t.h5"]
+
+
+FORWARD = """
+import os, sys
+from mpi4py import MPI
+from moempi import cli, runner
+marks = os.environ["MARKS"]
+open(os.path.join(marks, f"pid-{MPI.COMM_WORLD.rank}"), "w").write(str(os.getpid()))
+original = runner.run_batch
+def run_batch(*args):
+    open(os.path.join(marks, "forward"), "w").close()
+    return original(*args)
+runner.run_batch = run_batch
+sys.argv = ["moempi", "run"] + sys.argv[1:]
+cli.main()
+"""
+
+
+def test_stopped_rank_ends_the_job_with_a_diagnosis(files, tmp_path):
+    """SIGSTOP one rank mid-run: within the stall timeout (+ a few seconds for the answers)
+    the job ends non-zero, naming the silent rank and where the others wait."""
+    script, out, marks = tmp_path / "forward.py", tmp_path / "out.h5", tmp_path / "marks"
+    script.write_text(FORWARD)
+    marks.mkdir()
+    cmd = [MPIEXEC, "-n", "3", sys.executable, str(script), "--model", str(files / "deep.h5"),
+           "--tokens", str(files / "tok.h5"), "--output", str(out), "--micro-batches", "2",
+           "--set", "pipeline.batch_tokens=2", "--set", "pipeline.stall_timeout=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **MPI_ENV, "MARKS": str(marks)})
+    pids = []
+    try:
+        wait_for(marks / "forward", proc, timeout=90)
+        pids = [int((marks / f"pid-{r}").read_text()) for r in range(3)]
+        start = time.monotonic()
+        os.kill(pids[1], signal.SIGSTOP)
+        _, stderr = proc.communicate(timeout=LIMIT)
+        took = time.monotonic() - start
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        proc.kill()
+    assert proc.returncode != 0 and 3 < took < 3 + LIMIT / 2, (took, stderr)
+    [line] = [l for l in stderr.splitlines() if l.startswith("moempi:")]
+    assert line.startswith("moempi: error: rank 0: no progress for 3 s (pipeline.stall_timeout)")
+    assert "rank(s) 1 did not answer" in line and "rank 2 " in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forward.py", "marks"]
+    deadline = time.monotonic() + LIMIT        # the launcher ends the others (stopped too)
+    while [pid for pid in pids if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if alive(pid)]
