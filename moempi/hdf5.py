@@ -286,6 +286,8 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None,
 
 # -- tokens ----------------------------------------------------------------------------
 TOKEN_CHUNK = 4096
+TOKENS_FORMAT = "moempi-tokens"
+TOKENS_VERSION = 1
 
 
 def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
@@ -296,8 +298,13 @@ def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
         raise MoempiError("make-tokens: --num-tokens and the hidden size must be >= 1")
     np_dtype = np.uint16 if dtype == BF16 else np.dtype(dtype)
     with _write_atomically(path, overwrite) as f:
+        f.attrs.update(format=TOKENS_FORMAT, version=TOKENS_VERSION, seed=seed,
+                       generator=f"numpy.random.default_rng([seed, 2**20, chunk]).standard_normal"
+                                 f", chunks of {TOKEN_CHUNK} rows", num_tokens=num_tokens,
+                       hidden_size=hidden)
         ds = f.create_dataset("tokens", shape=(num_tokens, hidden), dtype=np_dtype,
                               chunks=(min(num_tokens, max(1, 2**20 // hidden)), hidden))
+        ds.attrs.update(dims="token, hidden", description="synthetic hidden states, N(0, 1)")
         if dtype == BF16:
             ds.attrs["encoding"] = BF16
         for i, start in enumerate(range(0, num_tokens, TOKEN_CHUNK)):
@@ -397,12 +404,39 @@ class OutputWriter:
             ds.attrs[key] = value
         return ds
 
-    def array(self, name: str, data, **attrs) -> None:
+    def array(self, name: str, data, scale: str = "", **attrs) -> h5py.Dataset:
+        """A dataset from ``data``; ``scale``: make it the dimension scale of that axis name."""
         ds = self.file.create_dataset(name, data=np.asarray(data))
         for key, value in attrs.items():
             ds.attrs[key] = value
+        if scale:
+            ds.make_scale(scale)
+        return ds
+
+    def _attach_scales(self) -> None:
+        """Label every axis a dataset's ``dims`` attribute names ("rank, layer") and attach
+        the dimension scale of that name ("source rank" takes the "rank" scale)."""
+        scales, dims = {}, []
+
+        def visit(_, obj):
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_scale:
+                    scales[h5py.h5ds.get_scale_name(obj.id).decode()] = obj
+                elif "dims" in obj.attrs:
+                    dims.append(obj)
+        self.file.visititems(visit)
+        for ds in dims:
+            labels = [label.strip() for label in str(ds.attrs["dims"]).split(",")]
+            if len(labels) != ds.ndim:
+                continue
+            for axis, label in enumerate(labels):
+                ds.dims[axis].label = label
+                scale = scales.get(label) or scales.get(label.split()[-1])
+                if scale is not None and scale.shape[0] == ds.shape[axis]:
+                    ds.dims[axis].attach_scale(scale)
 
     def commit(self) -> None:
+        self._attach_scales()
         self.file.close()
         try:
             files.publish(self.tmp, self.path, self.overwrite)

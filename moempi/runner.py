@@ -30,6 +30,20 @@ from .shapes import ModelMeta
 from .stall import WatchedScheduler, Watchdog
 
 
+# what each /timings dataset measures, per rank and layer (stored as its description)
+TIMING_MEANING = {
+    "gate": "norm, gating and routing", "dispatch": "dispatch exchanges, posting to completion",
+    "expert": "expert MLP compute (the dense MLP in dense layers)",
+    "pack": "gathering, BF16 rounding and un-permuting exchange buffers",
+    "compute": "all local work of the layer (everything but MPI calls and waiting)",
+    "combine": "combine exchanges, posting to completion",
+    "wait": "time blocked waiting for the layer's exchanges",
+    "busy": "time running the layer's code, MPI calls included",
+    "overall": "busy + wait: the layer's wall time on this rank",
+    "pure_comm": "the layer's exchanges replayed alone, without compute",
+}
+
+
 def say(comm: MPI.Comm, msg: str) -> None:
     """Print on rank 0 only: the one place the job talks to the user."""
     if comm.rank == 0:
@@ -345,6 +359,8 @@ def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.nd
                    routing)
         if writer:
             loads = np.stack(history["tokens_per_expert"])            # [B, L_moe, E]
+            writer.array("axes/batch", np.arange(len(loads)), scale="batch",
+                         description="batch index (pipeline.batch_tokens per rank each)")
             writer.array("balance/bias", np.stack(history["bias"]),
                          dims="batch, moe layer, expert", note="bias used for each batch")
             writer.array("balance/tokens_per_expert", loads, dims="batch, moe layer, expert")
@@ -363,39 +379,56 @@ def _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_e
                routing) -> None:
     num_tokens = world.allreduce(len(hidden))
     starts = [start for start, _ in split_rows(num_tokens, world.size)]
-    ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4") if writer else None
+    ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4", dims="token, hidden",
+                        description="the stack's output (after the final norm, if the model has "
+                                    "one), rows in the input token order", units="as /tokens"
+                        ) if writer else None
     parallel.stream_rows_to_dataset(world, hidden, ds, starts)
     if routing is not None:
         home = np.full(len(hidden), world.rank, dtype=np.int32)
-        hds = writer.dataset("routing/home_rank", (num_tokens,), "i4") if writer else None
+        hds = writer.dataset("routing/home_rank", (num_tokens,), "i4", dims="token",
+                             description="the rank that owned the token") if writer else None
         parallel.stream_rows_to_dataset(world, home, hds, starts)
         for m, layer in enumerate(meta.moe_layers):
             for name, arr in zip(("topk_idx", "dest_rank"), routing[m]):
                 rds = (writer.dataset(f"routing/{layer:03d}/{name}", (num_tokens, meta.top_k),
-                                      "i4") if writer else None)
+                                      "i4", dims="token, k") if writer else None)
                 parallel.stream_rows_to_dataset(world, arr, rds, starts)
     if not writer:
         return
     P = world.size
+    writer.array("axes/layer", np.arange(meta.num_layers), scale="layer",
+                 description=f"layer index; layers 0..{meta.num_dense_layers - 1} are dense")
+    writer.array("axes/rank", np.arange(P), scale="rank", description="MPI world rank")
+    writer.array("axes/expert", np.arange(meta.num_experts), scale="expert",
+                 description="expert index within a MoE layer")
     for name, data in seconds.items():
-        writer.array(f"timings/{name}", data, units="s", dims="rank, layer")
+        writer.array(f"timings/{name}", data, units="s", dims="rank, layer",
+                     description=TIMING_MEANING[name])
     busy, wait, compute = seconds["busy"], seconds["wait"], seconds["compute"]
     overall = busy + wait
-    writer.array("timings/overall", overall, units="s", dims="rank, layer")
-    writer.array("timings/pure_comm", pure, units="s", dims="rank, layer")
+    writer.array("timings/overall", overall, units="s", dims="rank, layer",
+                 description=TIMING_MEANING["overall"])
+    writer.array("timings/pure_comm", pure, units="s", dims="rank, layer",
+                 description=TIMING_MEANING["pure_comm"])
     writer.array("timings/overlap", overlap_percent(overall, compute, pure), units="%",
+                 dims="rank, layer",
                  definition="max(0, 100 * (1 - (overall - compute) / pure_comm))")
     moe = np.array(list(meta.moe_layers), dtype=np.int32)
-    writer.array("stats/moe_layers", moe)
-    writer.array("stats/tokens_per_expert", tokens_per_expert, dims="moe layer, expert")
-    writer.array("stats/tokens_per_rank", rows.T.copy(), dims="moe layer, rank")
+    writer.array("stats/moe_layers", moe, scale="moe layer",
+                 description="the layer index of each MoE layer (the moe layer axis)")
+    writer.array("stats/tokens_per_expert", tokens_per_expert, dims="moe layer, expert",
+                 units="(token, expert) pairs", description="pairs routed to each expert")
+    writer.array("stats/tokens_per_rank", rows.T.copy(), dims="moe layer, rank",
+                 units="rows", description="rows each rank's experts computed")
     # traffic: rows each rank sent to each rank of its expert group, as world ranks
     ep = traffic.shape[2]
     full = np.zeros((len(moe), P, P), dtype=np.int64)
     for src in range(P):
         base = (src // ep) * ep
         full[:, src, base:base + ep] = traffic[src]
-    writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank")
+    writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank",
+                 units="rows", description="rows each rank sent to each rank")
 
 
 def versions() -> dict:

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpirun, reference
+from conftest import moempi, mpirun, reference
 from reference import rel_l2
 
 EXACT = 1e-4          # fp32 mode vs float64 reference (DESIGN.md §1)
@@ -148,4 +148,17 @@ def test_telemetry_recorded(files, tmp_path):
         cfg = json.loads(f.attrs["config"])
         assert cfg["pipeline"]["micro_batches"] == 2 and f.attrs["micro_batches"] == 2
         assert "mpi" in json.loads(f.attrs["versions"])
+        # self-describing: meaning and units, and HDF5 dimension scales on the named axes
+        assert "input token order" in f["hidden"].attrs["description"]
+        assert [d.label for d in f["hidden"].dims] == ["token", "hidden"]
+        assert f["timings/wait"].attrs["units"] == "s" and f["timings/wait"].attrs["description"]
+        scales = {"timings/overlap": ["/axes/rank", "/axes/layer"],
+                  "stats/tokens_per_expert": ["/stats/moe_layers", "/axes/expert"],
+                  "stats/traffic": ["/stats/moe_layers", "/axes/rank", "/axes/rank"],
+                  "balance/bias": ["/axes/batch", "/stats/moe_layers", "/axes/expert"]}
+        for name, expected in scales.items():
+            assert [d[0].name for d in f[name].dims] == expected, name
+        assert list(f["axes/layer"][()]) == list(range(6))
     assert "wrote" in proc.stdout
+    shown = moempi("inspect", path).stdout
+    assert "max over ranks" in shown and "    0 dense" in shown and "    1   moe" in shown

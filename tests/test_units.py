@@ -177,6 +177,9 @@ def test_tokens_are_seeded_and_chunked(tmp_path):
     hdf5.write_tokens(str(b), 5000, 16, seed=3)
     assert np.array_equal(hdf5.read_tokens(str(a), 0, 5000), hdf5.read_tokens(str(b), 0, 5000))
     assert hdf5.tokens_shape(str(a)) == (5000, 16)
+    with h5py.File(a, "r") as f:            # the file says what it is and how it was made
+        assert (f.attrs["format"], f.attrs["version"], f.attrs["seed"]) == ("moempi-tokens", 1, 3)
+        assert "default_rng" in f.attrs["generator"] and f["tokens"].attrs["dims"] == "token, hidden"
 
 
 def test_split_rows_covers_everything():
