@@ -15,6 +15,12 @@ import pytest
 from conftest import MOEMPI, MPI_ENV, MPIEXEC, moempi, mpirun
 
 
+def our_lines(stderr: str) -> list[str]:
+    """moempi's own error lines (MPICH adds one 'Abort(1) on node ...' line to an abort)."""
+    assert "Traceback" not in stderr, stderr
+    return [l for l in stderr.splitlines() if l.strip() and not l.startswith("Abort(")]
+
+
 def single_line(stderr: str) -> bool:
     """One line of error (per rank that says it), no traceback."""
     lines = [l for l in stderr.splitlines() if l.strip()]
@@ -22,15 +28,32 @@ def single_line(stderr: str) -> bool:
 
 
 def expect_failure(tmp_path, n, args, message, timeout=40):
+    """The job fails within seconds with one line (per rank that says it) holding ``message``,
+    no traceback, no output or temporary file, and no process of it left running."""
     out = tmp_path / "out.h5"
     start = time.monotonic()
     proc = mpirun(n, "run", *args, "--output", out, check=False, timeout=timeout)
     assert proc.returncode != 0, proc.stdout
     assert time.monotonic() - start < timeout
     assert message in proc.stderr, proc.stderr
+    assert len(set(our_lines(proc.stderr))) == 1, proc.stderr
     assert not out.exists()
     assert not list(tmp_path.glob(".out.h5.partial*"))
+    assert not processes_of(tmp_path)
     return proc
+
+
+def processes_of(tmp_path) -> list[int]:
+    """Processes still running whose command line names ``tmp_path`` (this test's files)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(tmp_path).encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def copy_model(files, tmp_path, name="e4.h5"):
@@ -304,12 +327,6 @@ def test_model_that_is_not_a_model_file(files, tmp_path, n):
 
 
 # -- resources: checked before work, failures said in one line --------------------------
-def our_lines(stderr: str) -> list[str]:
-    """moempi's own error lines (MPICH adds one 'Abort(1) on node ...' line to an abort)."""
-    assert "Traceback" not in stderr, stderr
-    return [l for l in stderr.splitlines() if l.strip() and not l.startswith("Abort(")]
-
-
 @pytest.mark.parametrize("n", [1, 3])
 def test_host_memory_refused_before_compute(files, tmp_path, n):
     proc = expect_failure(tmp_path, n, ["--model", files / "e4.h5", "--tokens", files / "tok.h5",
