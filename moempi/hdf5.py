@@ -57,22 +57,6 @@ def read_f32(ds: h5py.Dataset, sel=()) -> np.ndarray:
     return np.asarray(data, dtype=np.float32)
 
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"     # at offset 0, or 512, 1024, ... after a user block
-
-
-def _has_signature(path: str) -> bool:
-    with open(path, "rb") as f:
-        offset = 0
-        while True:
-            f.seek(offset)
-            head = f.read(len(HDF5_SIGNATURE))
-            if head == HDF5_SIGNATURE:
-                return True
-            if len(head) < len(HDF5_SIGNATURE):
-                return False
-            offset = 512 if offset == 0 else 2 * offset
-
-
 def open_h5(path: str, what: str) -> h5py.File:
     """Open an HDF5 file for reading; each way it can fail is a one-line error saying which:
     missing, a directory, unreadable, another format, locked by a writer, truncated."""
@@ -80,13 +64,9 @@ def open_h5(path: str, what: str) -> h5py.File:
         raise MoempiError(f"{path}: {what} file not found")
     if os.path.isdir(path):
         raise MoempiError(f"{path}: is a directory, not a {what} file")
-    try:
-        signed = _has_signature(path)
-    except PermissionError:
-        raise MoempiError(f"{path}: permission denied reading the {what} file") from None
-    except OSError as exc:
-        raise MoempiError(f"{path}: cannot read the {what} file: {exc.strerror}") from None
-    if not signed:
+    if not os.access(path, os.R_OK):
+        raise MoempiError(f"{path}: permission denied reading the {what} file")
+    if not h5py.is_hdf5(path):                   # HDF5's own signature check
         raise MoempiError(f"{path}: not an HDF5 file (no HDF5 signature; a {what} file must "
                           "be HDF5)")
     try:

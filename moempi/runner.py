@@ -57,7 +57,6 @@ class Setup:
     meta: ModelMeta
     placement: Placement
     num_tokens: int
-    default_placement: bool
     notes: tuple = ()            # warnings for the user: questionable but accepted input
 
 
@@ -92,7 +91,7 @@ def prepare(cfg: Config, ep: int) -> Setup:
     if run.checkpoint:
         check_checkpoint_path(run.checkpoint, inputs)
         notes += files.sweep(run.checkpoint) if os.path.isdir(run.checkpoint) else []
-    return Setup(meta, placement, num_tokens, not run.placement, tuple(notes))
+    return Setup(meta, placement, num_tokens, tuple(notes))
 
 
 def layer_ranges(layers) -> str:
