@@ -25,7 +25,8 @@ from . import files
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP, ACK, GO = 7101, 7102, 7103      # message tags on the relay's own communicator
 ANSWER_WAIT = 3.0           # seconds a rank waits for the others to have cleaned up
-POLL = 0.2                  # seconds between the watcher's looks at the relay
+EXIT_DELAY = 0.5            # seconds from "go" to every rank's exit (the message's way)
+POLL = 0.5                  # seconds between the watcher's looks at the relay (few: it takes MPI's lock)
 
 _stopping = threading.Event()
 _relays: list = []
@@ -95,11 +96,14 @@ def _stop(sig: int, relay, origin) -> None:
         if rank == 0:
             _say(f"moempi: stopped by {name}{where}; every rank removed its temporary files")
         if origin is None:
-            heard_rank0 = relay.tell_all(sig)
+            heard_rank0, exit_at = relay.tell_all(sig)
             if rank != 0 and not heard_rank0:
                 _say(f"moempi: rank {rank}: stopped by {name} (rank 0 did not answer)")
         else:
-            relay.answer(origin)
+            exit_at = relay.answer(origin)
+        # every rank exits at the same moment: the launcher kills (SIGKILL) the ranks still
+        # running when the first one exits, and reports that instead of 128 + signal
+        time.sleep(max(0.0, exit_at - time.time()))
     os._exit(128 + sig)
 
 
@@ -137,8 +141,8 @@ class _Relay:
             self.request = self.comm.Irecv(self.msg, source=self.any, tag=STOP)   # the next
             return got
 
-    def _send(self, dest: int, tag: int, values):
-        buf = self.np.array(values, dtype=self.np.int32)
+    def _send(self, dest: int, tag: int, values, dtype=None):
+        buf = self.np.array(values, dtype=dtype or self.np.int32)
         req = self.comm.Isend(buf, dest=dest, tag=tag)
         self.sent.append((req, buf))
         return req
@@ -158,16 +162,17 @@ class _Relay:
             self._answer_others()
             time.sleep(0.01)
 
-    def answer(self, origin: int) -> None:
-        """Tell ``origin`` this rank has cleaned up; exit when it says so (bounded), so that
-        no rank's exit makes the launcher kill one still cleaning up."""
+    def answer(self, origin: int) -> float:
+        """Tell ``origin`` this rank has cleaned up; returns the time (``time.time()``) it
+        sets for every rank to exit (now, if it does not say)."""
         self._send(origin, ACK, [0])
-        self._wait({origin: self.comm.Irecv(self.np.zeros(1, dtype=self.np.int32),
-                                            source=origin, tag=GO)})
+        go = self.np.zeros(1, dtype=self.np.float64)
+        self._wait({origin: self.comm.Irecv(go, source=origin, tag=GO)})
+        return float(go[0])
 
-    def tell_all(self, sig: int) -> bool:
-        """Relay ``sig`` to every other rank, wait (bounded) for their answers, then let them
-        exit.  Returns whether rank 0 answered."""
+    def tell_all(self, sig: int) -> tuple[bool, float]:
+        """Relay ``sig`` to every other rank, wait (bounded) for their answers, then tell them
+        when to exit.  Returns whether rank 0 answered, and that time."""
         np, comm, me = self.np, self.comm, self.comm.rank
         others = [r for r in range(comm.size) if r != me]
         for r in others:
@@ -175,6 +180,7 @@ class _Relay:
         waiting = {r: comm.Irecv(np.zeros(1, dtype=np.int32), source=r, tag=ACK)
                    for r in others}
         self._wait(waiting)
+        exit_at = time.time() + EXIT_DELAY
         for r in others:
-            self._send(r, GO, [0])
-        return me == 0 or 0 not in waiting
+            self._send(r, GO, [exit_at], np.float64)
+        return me == 0 or 0 not in waiting, exit_at

@@ -22,7 +22,7 @@ from .pipeline import Scheduler
 
 WHERE, HERE = 7201, 7202       # message tags: a question and its answer
 ANSWER_WAIT = 3.0              # seconds to wait for the other ranks' answers
-POLL = 0.2                     # seconds between the watcher's looks
+POLL = 0.5                     # seconds between the watcher's looks (few: it takes MPI's lock)
 
 
 class WatchedScheduler(Scheduler):
@@ -129,4 +129,5 @@ class Watchdog:
         files.remove_all()
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        time.sleep(0.5)                # the launcher forwards the line before the abort's kill
         MPI.COMM_WORLD.Abort(1)
