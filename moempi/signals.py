@@ -87,6 +87,8 @@ def _stop(sig: int, relay, origin) -> None:
     _stopping.set()
     removed = files.remove_all()
     name = signal.Signals(sig).name
+    if relay is not None and relay.closed:      # the job's end: only this rank's files left
+        relay = None
     if relay is None:
         what = f"; removed {', '.join(removed)}" if removed else ""
         _say(f"moempi: stopped by {name}{what}")

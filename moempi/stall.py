@@ -52,6 +52,7 @@ class Watchdog:
         self.batch = 0
         self.last = time.monotonic()
         self.reported = False
+        self.sent = []                 # send requests, kept (with their buffers) until the end
         self.done = threading.Event()
         self.thread = None
         if timeout > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
@@ -95,7 +96,7 @@ class Watchdog:
         while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=WHERE, status=status):
             asker = status.Get_source()
             self.comm.recv(source=asker, tag=WHERE)
-            self.comm.isend(self.where(), dest=asker, tag=HERE)
+            self.sent.append(self.comm.isend(self.where(), dest=asker, tag=HERE))
 
     def _watch(self) -> None:
         while not self.done.wait(POLL):
@@ -106,8 +107,7 @@ class Watchdog:
     def _diagnose(self) -> None:
         comm, me = self.comm, self.comm.rank
         others = [r for r in range(comm.size) if r != me]
-        for r in others:
-            comm.isend(me, dest=r, tag=WHERE)
+        self.sent += [comm.isend(me, dest=r, tag=WHERE) for r in others]
         answers, status = {}, MPI.Status()
         deadline = time.monotonic() + ANSWER_WAIT
         while len(answers) < len(others) and time.monotonic() < deadline:
