@@ -7,6 +7,7 @@ results to rank 0.  Tokens move in :mod:`moempi.dispatch`.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,4 +147,5 @@ def fail(comm: MPI.Comm, exc: BaseException) -> None:
         sys.stderr.write(errors.traceback_text(exc) + "\n")
     sys.stderr.write(f"moempi: error: rank {comm.rank}: {errors.describe(exc)}\n")
     sys.stderr.flush()
+    time.sleep(0.5)                # the launcher forwards the line before the abort's kill
     comm.Abort(1)
