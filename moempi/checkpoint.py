@@ -6,7 +6,9 @@ which writes ``batch-{b:05d}.h5`` under a temporary name and renames it, so a fi
 exists is complete.  Each file also holds the cumulative counters of every rank and the
 balancer's state, so the newest file alone restores them.  A job killed at any moment
 restarts from the newest complete batch: no token is lost or computed twice, and the same
-micro-batch count and biases make the result identical to an uninterrupted run.
+micro-batch count (recorded, and reused where the probe would choose another), biases and
+placement make the result identical to an uninterrupted run.  A resumption whose settings
+differ is refused, naming them.
 """
 
 from __future__ import annotations
@@ -18,20 +20,47 @@ import os
 import h5py
 import numpy as np
 
-from . import parallel
+from . import files, parallel
 from .errors import MoempiError
 
 STATE = ("tokens_per_expert", "traffic", "rows_computed", "rerouted", "dropped")
 
 
-def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int) -> str:
-    """What must not change between a run and its resumption, as canonical JSON."""
-    data = cfg.to_dict()
-    for key in ("output", "overwrite", "checkpoint"):
-        data["run"].pop(key, None)
-    data["pipeline"].pop("measure_pure_comm", None)
+def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int,
+                placement=None) -> str:
+    """What must not change between a run and its resumption, as canonical JSON of
+    ``{setting: value}``: every config key but the output's, the job's shape, the placement
+    and the input files' identity (size and modification time)."""
+    data = {f"{section}.{key}": value for section, table in cfg.to_dict().items()
+            for key, value in table.items()}
+    for key in ("run.output", "run.overwrite", "run.checkpoint", "pipeline.measure_pure_comm",
+                "pipeline.stall_timeout"):
+        data.pop(key)
+    for key in ("run.model", "run.tokens"):
+        st = os.stat(data[key])
+        data[f"{key} file"] = f"{st.st_size} bytes, modified {st.st_mtime_ns}"
     data.update(world_size=world_size, num_tokens=num_tokens, batch_tokens=batch_tokens)
+    if placement is not None:
+        data["placement"] = placement.to_dict()
     return json.dumps(data, sort_keys=True)
+
+
+def _differences(found: dict, expected: dict, micro_batches: int) -> list[str]:
+    """The settings a resumption changes, as ``key: was X, now Y``."""
+    changed = []
+    for key in sorted(set(found) | set(expected)):
+        was, now = found.get(key), expected.get(key)
+        if key == "pipeline.micro_batches":
+            if now in (0, micro_batches):
+                continue         # 0: the recorded count is reused; or the same count named
+            was = micro_batches if was == 0 else was
+            if was == micro_batches and found.get(key) == 0:
+                was = f"{micro_batches} (the probe's choice)"
+        if was != now:
+            if key == "placement":
+                was, now = "one placement", "another"
+            changed.append(f"{key}: was {was}, now {now}")
+    return changed
 
 
 def _batch_file(path: str, batch: int) -> str:
@@ -57,10 +86,25 @@ def scan(path: str, expected: str) -> dict:
             found, micro = f.attrs["fingerprint"], int(f.attrs["micro_batches"])
     except (OSError, KeyError) as exc:
         raise MoempiError(f"{last}: unreadable checkpoint ({exc}); remove {path} to start over") from None
-    if found != expected:
-        raise MoempiError(f"{path}: checkpoint belongs to another run (model, tokens, world size "
-                          f"or settings differ); remove it or choose another --checkpoint")
+    try:
+        changed = _differences(json.loads(found), json.loads(expected), micro)
+    except (TypeError, ValueError):
+        changed = ["the checkpoint's settings are unreadable"]
+    if changed:
+        raise MoempiError(f"{path}: checkpoint belongs to another run ({'; '.join(changed[:3])}"
+                          f"{'; ...' if len(changed) > 3 else ''}); resume with the same "
+                          "settings, or remove it or choose another --checkpoint")
     return {"done": done, "micro_batches": micro}
+
+
+def check_checkpoint_path(path: str, inputs: dict[str, str]) -> None:
+    """Rank 0, before any work: ``path`` must be a folder (or not exist yet) holding no input
+    (its batch files are removed when the output is complete)."""
+    files.check_not_input(path, inputs, "checkpoint")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MoempiError(f"{path}: checkpoint path is a file, not a folder")
+    for name in glob.glob(os.path.join(glob.escape(path), "batch-*.h5")):
+        files.check_not_input(name, inputs, "checkpoint")
 
 
 def checkpoint_complete(path: str) -> bool:
@@ -93,7 +137,7 @@ class Checkpoint:
         f = tmp = ds = offsets = None
         if world.rank == 0:
             final = _batch_file(self.path, batch)
-            tmp = final + ".partial"
+            tmp = files.register(final)
             f = h5py.File(tmp, "w")
             f.attrs.update(fingerprint=self.expected, batch=batch, micro_batches=micro_batches,
                            num_batches=self.num_batches)
@@ -118,12 +162,14 @@ class Checkpoint:
                 f["history/bias"] = np.stack(history["bias"])
                 f["history/tokens_per_expert"] = np.stack(history["tokens_per_expert"])
                 f.close()
-                os.replace(tmp, final)
+                os.replace(tmp, final)      # a batch file is rewritten only by its own run
         except BaseException:
             if f:
                 f.close()
-                os.unlink(tmp)
             raise
+        finally:
+            if tmp:
+                files.release(tmp)
         world.Barrier()
 
     def restore(self, done: int, hidden: np.ndarray, routing: dict | None, tel, history: dict,

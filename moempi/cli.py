@@ -6,17 +6,22 @@ import math
 import os
 import shlex
 import sys
+import threading
 
 import click
 
-from . import __version__
+from . import __version__, errors, signals
 from .errors import CollectiveError, MoempiError
 from .shapes import ACTIVATIONS, PRESETS, WEIGHT_DTYPES
+
+PROGRESS_BYTES = 256 << 20      # writes at least this large show a progress bar
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="moempi")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected failure "
+              "(otherwise one line: out of memory, disk full, ...).")
+def cli(debug):
     """moempi: the forward pass of a DeepSeek-V3-shaped Mixture-of-Experts stack with
     large expert parallelism: one MPI rank per GPU, each rank owning one expert of every
     MoE layer, tokens exchanged with (nonblocking) Alltoallv, layer by layer.
@@ -28,6 +33,7 @@ def cli():
       mpiexec -n 4 moempi run --model model.h5 --tokens tokens.h5 --output out.h5
       moempi inspect out.h5
     """
+    errors.DEBUG = debug
 
 
 def main():
@@ -42,6 +48,15 @@ def main():
     except MoempiError as exc:
         click.echo(f"moempi: error: {exc}", err=True)
         sys.exit(1)
+    except Exception as exc:                 # a serial command (init-model, make-tokens, ...)
+        if errors.DEBUG:
+            click.echo(errors.traceback_text(exc), err=True)
+        click.echo(f"moempi: error: {errors.describe(exc)}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # after a failed write HDF5 can crash the interpreter's teardown; the temporary
+        # file is already removed, so skip it
+        os._exit(1)
 
 
 # -- synthetic inputs -----------------------------------------------------------------------
@@ -66,25 +81,28 @@ def main():
 def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ffn, top_k,
                activation, dtype, no_final_norm, seed, overwrite):
     """Write a random model checkpoint OUT (HDF5, DESIGN.md §2.1), one expert slab at a time."""
+    from .files import check_free_space
     from .hdf5 import model_shapes, write_model
+    signals.install()
     changes = {k: v for k, v in dict(num_experts=experts, num_layers=layers,
                                       num_dense_layers=dense_layers, hidden_size=hidden,
                                       moe_ffn_size=ffn, dense_ffn_size=dense_ffn, top_k=top_k,
                                       activation=activation, weight_dtype=dtype).items()
                if v is not None}
     meta = PRESETS[preset].replace(**changes, has_final_norm=not no_final_norm).validate(out)
-    if os.path.exists(out) and not overwrite:
-        raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
+    _check_new_file(out, overwrite)
     size = sum(math.prod(shape) for shape in model_shapes(meta).values()) * meta.weight_bytes
+    check_free_space(out, size)
     click.echo(f"writing {out}: {meta.num_layers} layers, {meta.num_experts} experts, hidden "
                f"{meta.hidden_size}, {meta.weight_dtype}, {size / 2**30:.2f} GiB")
-    big = size > 2**30
+    with _progress(size, meta.num_layers, "layers") as bar:
+        write_model(out, meta, seed, lambda done, total: bar.update(1), overwrite)
 
-    def progress(done, total):
-        if big:
-            click.echo(f"  layer {done}/{total}", err=True)
 
-    write_model(out, meta, seed, progress)
+def _progress(nbytes: int, steps: int, what: str):
+    """A progress bar on stderr over ``steps`` for a write of ``nbytes`` (hidden when small)."""
+    return click.progressbar(length=steps, label=f"  {what}", file=sys.stderr, show_pos=True,
+                             hidden=nbytes < PROGRESS_BYTES)
 
 
 @cli.command("make-tokens")
@@ -98,15 +116,33 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def make_tokens(out, num_tokens, model, hidden, seed, dtype, overwrite):
     """Write N synthetic tokens /tokens [N, H] (seeded normal values) to OUT."""
-    from .hdf5 import read_model_meta, write_tokens
+    from .files import check_free_space, check_not_input
+    from .hdf5 import TOKEN_CHUNK, read_model_meta, write_tokens
+    signals.install()
     if (model is None) == (hidden is None):
         raise MoempiError("make-tokens: give exactly one of --model and --hidden")
     if model:
         hidden = read_model_meta(model).hidden_size
+        check_not_input(out, {"model": model})
+    _check_new_file(out, overwrite)
+    size = num_tokens * hidden * (4 if dtype == "float32" else 2)
+    check_free_space(out, size)
+    with _progress(size, -(-num_tokens // TOKEN_CHUNK), f"{TOKEN_CHUNK}-token chunks") as bar:
+        write_tokens(out, num_tokens, hidden, seed, dtype, overwrite,
+                     lambda done: bar.update(1))
+    click.echo(f"wrote {out}: {num_tokens} tokens, hidden {hidden}, {dtype}")
+
+
+def _check_new_file(out: str, overwrite: bool) -> None:
+    """Before writing ``out``: it may be replaced only with --overwrite; a dead process's
+    temporary files of it are removed (or named, when they may be another job's)."""
+    from .files import sweep
+    if os.path.isdir(out):
+        raise MoempiError(f"{out}: is a directory (name a file)")
     if os.path.exists(out) and not overwrite:
         raise MoempiError(f"{out}: exists (pass --overwrite to replace it)")
-    write_tokens(out, num_tokens, hidden, seed, dtype)
-    click.echo(f"wrote {out}: {num_tokens} tokens, hidden {hidden}, {dtype}")
+    for note in sweep(out):
+        click.echo(f"moempi: warning: {note}", err=True)
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -144,6 +180,7 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
     from .runner import run_job
 
     world = MPI.COMM_WORLD
+    signals.install(world)
     try:
         overrides = {}
         for item in sets:
@@ -159,6 +196,9 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
         overrides.update({k: v for k, v in flags.items() if v is not None})
         cfg = parallel.root_call(world, lambda: expand_names(load_config(config, overrides)))
         run_job(world, cfg, shlex.join(sys.argv))
+        # the ranks done first wait, under the signal watcher, until rank 0 has published
+        world.Barrier()
+        signals.close()
     except BaseException as exc:
         _end_job(world, exc)
 
@@ -166,6 +206,10 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
 def _end_job(world, exc: BaseException) -> None:
     """How an MPI command ends on an exception: never with other ranks left waiting."""
     from . import parallel
+    if signals.stopping():
+        # a signal ends this process (moempi.signals): a failure it caused in this thread,
+        # e.g. a peer gone from an exchange, is no news
+        threading.Event().wait()
     if isinstance(exc, CollectiveError):
         # every rank raised it together: rank 0 says it once, all exit non-zero
         if world.rank == 0:

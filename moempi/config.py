@@ -27,6 +27,8 @@ class RunSection:
     save_routing: bool = False       # write /routing (DESIGN.md §2.3) for `moempi place`
     gpu_memory_gb: float = 0.0       # memory per GPU for the start-up check; 0 = the device's
                                      # own (GPU backends), no check on the numpy backend
+    host_memory_gb: float = 0.0      # host memory per rank for the start-up check; 0 = the
+                                     # node's available memory shared by its ranks
     overwrite: bool = False          # replace an existing output file
 
 
@@ -45,6 +47,8 @@ class PipelineSection:
     max_micro_batches: int = 16      # upper bound for the automatic choice
     batch_tokens: int = 0            # tokens per rank per batch (balancing/checkpoint step); 0 = all
     measure_pure_comm: bool = True   # replay each layer's exchange without compute (for overlap %)
+    stall_timeout: float = 300.0     # seconds without progress before a rank says what it waits
+                                     # for and the job ends; 0 = wait for ever
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,14 @@ class Config:
             raise MoempiError("config: run.model is required (a model file; --model)")
         if not r.tokens:
             raise MoempiError("config: run.tokens is required (a tokens file; --tokens)")
-        if r.gpu_memory_gb < 0:
-            raise MoempiError("config: run.gpu_memory_gb must be >= 0")
+        if r.gpu_memory_gb < 0 or r.host_memory_gb < 0:
+            raise MoempiError("config: run.gpu_memory_gb and host_memory_gb must be >= 0")
         if r.precision not in ("fp32", "bf16"):
             raise MoempiError(f"config: run.precision must be fp32 or bf16, not {r.precision!r}")
         if p.ep < 0 or p.tp < 1 or p.dp < 1:
             raise MoempiError("config: parallel.ep must be >= 0, tp and dp >= 1")
+        if pl.stall_timeout < 0:
+            raise MoempiError("config: pipeline.stall_timeout must be >= 0 (0: no timeout)")
         if pl.micro_batches < 0 or pl.max_micro_batches < 1 or pl.batch_tokens < 0:
             raise MoempiError("config: pipeline.micro_batches and batch_tokens must be >= 0, "
                               "max_micro_batches >= 1")

@@ -10,6 +10,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 
+from . import files
 from .errors import MoempiError
 from .shapes import ModelMeta
 
@@ -57,14 +58,26 @@ def read_f32(ds: h5py.Dataset, sel=()) -> np.ndarray:
 
 
 def open_h5(path: str, what: str) -> h5py.File:
-    """Open an HDF5 file for reading; missing, truncated or not HDF5 is a one-line error."""
+    """Open an HDF5 file for reading; each way it can fail is a one-line error saying which:
+    missing, a directory, unreadable, another format, locked by a writer, truncated."""
     if not os.path.exists(path):
         raise MoempiError(f"{path}: {what} file not found")
+    if os.path.isdir(path):
+        raise MoempiError(f"{path}: is a directory, not a {what} file")
+    if not os.access(path, os.R_OK):
+        raise MoempiError(f"{path}: permission denied reading the {what} file")
+    if not h5py.is_hdf5(path):                   # HDF5's own signature check
+        raise MoempiError(f"{path}: not an HDF5 file (no HDF5 signature; a {what} file must "
+                          "be HDF5)")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise MoempiError(f"{path}: cannot open {what} as HDF5 (truncated or not HDF5?): "
-                          f"{str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        if "lock" in first.lower():
+            raise MoempiError(f"{path}: the {what} file is locked by another process (still "
+                              f"being written?): {first}") from None
+        raise MoempiError(f"{path}: cannot open the {what} file (truncated or damaged HDF5): "
+                          f"{first}") from None
 
 
 # -- model -----------------------------------------------------------------------------
@@ -193,12 +206,14 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng([seed, *key])
 
 
-def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None) -> None:
+def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None,
+                overwrite: bool = False) -> None:
     """Write a random model, one slab at a time, so a full-size model never sits in memory.
 
     Matrices are N(0, 1/fan_in) so every layer adds an O(1) update to the residual stream;
     the gate is scaled so routing scores are well separated; norms are 1 + N(0, 0.1).
-    Written to a temporary name and renamed: complete or absent.
+    Written to a temporary name and published (never replacing a file that appeared
+    meanwhile, unless ``overwrite``): complete or absent.
     """
     meta.validate(source=path)
     H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
@@ -218,7 +233,7 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None) -> Non
             else:
                 ds[i] = data
 
-    with _write_atomically(path) as f:
+    with _write_atomically(path, overwrite) as f:
         f.attrs["format"] = MODEL_FORMAT
         f.attrs["version"] = MODEL_VERSION
         for name in INT_ATTRS:
@@ -251,23 +266,33 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None) -> Non
 
 # -- tokens ----------------------------------------------------------------------------
 TOKEN_CHUNK = 4096
+TOKENS_FORMAT = "moempi-tokens"
+TOKENS_VERSION = 1
 
 
 def write_tokens(path: str, num_tokens: int, hidden: int, seed: int = 0,
-                 dtype: str = "float32") -> None:
-    """Write ``/tokens`` `[N, H]` of N(0, 1) values, chunk by chunk (seeded per chunk)."""
+                 dtype: str = "float32", overwrite: bool = False, progress=None) -> None:
+    """Write ``/tokens`` `[N, H]` of N(0, 1) values, chunk by chunk (seeded per chunk);
+    ``progress(rows_done)`` after each chunk."""
     if num_tokens < 1 or hidden < 1:
         raise MoempiError("make-tokens: --num-tokens and the hidden size must be >= 1")
     np_dtype = np.uint16 if dtype == BF16 else np.dtype(dtype)
-    with _write_atomically(path) as f:
+    with _write_atomically(path, overwrite) as f:
+        f.attrs.update(format=TOKENS_FORMAT, version=TOKENS_VERSION, seed=seed,
+                       generator=f"numpy.random.default_rng([seed, 2**20, chunk]).standard_normal"
+                                 f", chunks of {TOKEN_CHUNK} rows", num_tokens=num_tokens,
+                       hidden_size=hidden)
         ds = f.create_dataset("tokens", shape=(num_tokens, hidden), dtype=np_dtype,
                               chunks=(min(num_tokens, max(1, 2**20 // hidden)), hidden))
+        ds.attrs.update(dims="token, hidden", description="synthetic hidden states, N(0, 1)")
         if dtype == BF16:
             ds.attrs["encoding"] = BF16
         for i, start in enumerate(range(0, num_tokens, TOKEN_CHUNK)):
             stop = min(start + TOKEN_CHUNK, num_tokens)
             x = _rng(seed, 1 << 20, i).standard_normal((stop - start, hidden))
             ds[start:stop] = bf16_bits(x) if dtype == BF16 else x.astype(np_dtype)
+            if progress:
+                progress(stop)
 
 
 def tokens_shape(path: str) -> tuple[int, int]:
@@ -295,28 +320,29 @@ def read_tokens(path: str, start: int, stop: int) -> np.ndarray:
     return x
 
 
+def check_tokens(path: str, start: int, stop: int, rows: int) -> None:
+    """Rows ``start:stop`` of ``/tokens`` finite, read ``rows`` at a time (never all at once)."""
+    for a in range(start, stop, max(1, rows)):
+        read_tokens(path, a, min(a + rows, stop))
+
+
 # -- output ----------------------------------------------------------------------------
-def _partial_name(path: str) -> str:
-    head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
-
-
 @contextlib.contextmanager
-def _write_atomically(path: str):
-    """A new HDF5 file written under a temporary name and renamed to ``path`` when the block
-    ends without error: complete or absent."""
-    tmp = _partial_name(path)
-    try:
+def _write_atomically(path: str, overwrite: bool = False):
+    """A new HDF5 file written under a temporary name and published as ``path`` when the
+    block ends without error (:func:`moempi.files.publish`): complete or absent."""
+    with files.temporary(path) as tmp:
         with h5py.File(tmp, "w") as f:
             yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        files.publish(tmp, path, overwrite)
 
 
-def check_output_path(path: str, overwrite: bool) -> None:
-    """Fail early, before any work, where the output could not be written at the end."""
+def check_output_path(path: str, overwrite: bool, inputs: dict[str, str] | None = None) -> None:
+    """Fail early, before any work, where the output could not be written at the end or
+    would destroy an input (``inputs``: what -> path)."""
+    if os.path.isdir(path):
+        raise MoempiError(f"{path}: output is a directory (name a file)")
+    files.check_not_input(path, inputs or {})
     if os.path.exists(path) and not overwrite:
         raise MoempiError(f"{path}: output exists (pass --overwrite to replace it)")
     folder = os.path.dirname(os.path.abspath(path))
@@ -335,8 +361,8 @@ class OutputWriter:
 
     def __init__(self, path: str, overwrite: bool = False):
         check_output_path(path, overwrite)
-        self.path = path
-        self.tmp = _partial_name(path)
+        self.path, self.overwrite = path, overwrite
+        self.tmp = files.register(path)
         self.file = h5py.File(self.tmp, "w")
 
     def __enter__(self):
@@ -358,18 +384,47 @@ class OutputWriter:
             ds.attrs[key] = value
         return ds
 
-    def array(self, name: str, data, **attrs) -> None:
+    def array(self, name: str, data, scale: str = "", **attrs) -> h5py.Dataset:
+        """A dataset from ``data``; ``scale``: make it the dimension scale of that axis name."""
         ds = self.file.create_dataset(name, data=np.asarray(data))
         for key, value in attrs.items():
             ds.attrs[key] = value
+        if scale:
+            ds.make_scale(scale)
+        return ds
+
+    def _attach_scales(self) -> None:
+        """Label every axis a dataset's ``dims`` attribute names ("rank, layer") and attach
+        the dimension scale of that name ("source rank" takes the "rank" scale)."""
+        scales, dims = {}, []
+
+        def visit(_, obj):
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_scale:
+                    scales[h5py.h5ds.get_scale_name(obj.id).decode()] = obj
+                elif "dims" in obj.attrs:
+                    dims.append(obj)
+        self.file.visititems(visit)
+        for ds in dims:
+            labels = [label.strip() for label in str(ds.attrs["dims"]).split(",")]
+            if len(labels) != ds.ndim:
+                continue
+            for axis, label in enumerate(labels):
+                ds.dims[axis].label = label
+                scale = scales.get(label) or scales.get(label.split()[-1])
+                if scale is not None and scale.shape[0] == ds.shape[axis]:
+                    ds.dims[axis].attach_scale(scale)
 
     def commit(self) -> None:
+        self._attach_scales()
         self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            files.publish(self.tmp, self.path, self.overwrite)
+        finally:
+            files.release(self.tmp)
 
     def discard(self) -> None:
         try:
             self.file.close()
         finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            files.release(self.tmp)

@@ -41,28 +41,37 @@ def summarise(path: str, echo=print) -> None:
         timings = {k: f[f"timings/{k}"][:] for k in ("compute", "wait", "overall",
                                                      "dispatch", "combine", "pure_comm", "overlap")}
         echo("")
-        echo("expert load per MoE layer (imbalance = max/mean; MaxVio = max/mean - 1)")
-        echo(f"{'layer':>5} {'min/expert':>10} {'max/expert':>10} {'imb(exp)':>9} "
+        echo("per layer: expert load (MoE layers) and time")
+        echo(f"{'layer':>5} {'kind':>5} {'min/expert':>10} {'max/expert':>10} {'imb(exp)':>9} "
              f"{'imb(rank)':>9} {'compute s':>9} {'wait s':>8} {'overall s':>9} "
              f"{'pure comm':>9} {'overlap%':>8}")
-        rows = range(len(moe)) if len(moe) <= 24 else \
-            sorted(set(np.linspace(0, len(moe) - 1, 12).astype(int)))
-        for i in rows:
-            l = int(moe[i])
+        echo("  min/max/expert: (token, expert) pairs over all ranks; imb: max / mean over "
+             "experts, ranks; compute, wait, overall, pure comm: seconds, max over ranks; "
+             "overlap%: mean over ranks (OSU)")
+        index = {int(l): i for i, l in enumerate(moe)}
+        dense = [l for l in range(int(meta.get("num_layers", 0))) if l not in index]
+        shown = sorted(set(dense) | {int(moe[i]) for i in (
+            range(len(moe)) if len(moe) <= 24 else np.linspace(0, len(moe) - 1, 12).astype(int))})
+        for l in shown:
             ov = np.nanmean(timings["overlap"][:, l]) if np.isfinite(
                 timings["overlap"][:, l]).any() else float("nan")
-            echo(f"{l:>5} {tpe[i].min():>10.0f} {tpe[i].max():>10.0f} {imb_e[i]:>9.2f} "
-                 f"{imb_r[i]:>9.2f} {timings['compute'][:, l].max():>9.4f} "
+            if l in index:
+                i = index[l]
+                load = (f"{'moe':>5} {tpe[i].min():>10.0f} {tpe[i].max():>10.0f} "
+                        f"{imb_e[i]:>9.2f} {imb_r[i]:>9.2f}")
+            else:
+                load = f"{'dense':>5} {'-':>10} {'-':>10} {'-':>9} {'-':>9}"
+            echo(f"{l:>5} {load} {timings['compute'][:, l].max():>9.4f} "
                  f"{timings['wait'][:, l].max():>8.4f} {timings['overall'][:, l].max():>9.4f} "
                  f"{timings['pure_comm'][:, l].max():>9.4f} {ov:>8.1f}")
-        if len(rows) < len(moe):
-            echo(f"  ({len(rows)} of {len(moe)} MoE layers shown)")
+        if len(shown) < len(dense) + len(moe):
+            echo(f"  ({len(shown) - len(dense)} of {len(moe)} MoE layers shown)")
         echo("")
         echo(f"imbalance over MoE layers: experts mean {imb_e.mean():.2f} max {imb_e.max():.2f};"
              f" ranks mean {imb_r.mean():.2f} max {imb_r.max():.2f}; MaxVio mean "
              f"{(imb_e - 1).mean():.3f}")
         tot = {k: v.sum(axis=1) for k, v in timings.items() if k != "overlap"}
-        echo("per-rank totals (s): " + ", ".join(
+        echo("per-rank totals (s, mean over ranks, max): " + ", ".join(
             f"{k} {tot[k].mean():.3f} (max {tot[k].max():.3f})"
             for k in ("overall", "compute", "wait", "pure_comm")))
         moe_cols = timings["overlap"][:, moe]

@@ -7,12 +7,13 @@ results to rank 0.  Tokens move in :mod:`moempi.dispatch`.
 from __future__ import annotations
 
 import sys
-import traceback
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
+from . import errors
 from .errors import CollectiveError, MoempiError
 
 
@@ -51,6 +52,14 @@ def make_layout(world: MPI.Comm, ep: int, tp: int, dp: int) -> Layout:
     dp_index = world.rank // ep
     ep_comm = world if dp == 1 else world.Split(dp_index, world.rank)
     return Layout(world, ep_comm, dp, ep, dp_index)
+
+
+def node_ranks(comm: MPI.Comm) -> int:
+    """How many ranks of ``comm`` share this rank's node (its shared-memory group)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    size = node.size
+    node.Free()
+    return size
 
 
 def root_call(comm: MPI.Comm, fn, *args):
@@ -132,9 +141,11 @@ def stream_rows_to_dataset(comm: MPI.Comm, rows: np.ndarray, ds, starts) -> None
 
 
 def fail(comm: MPI.Comm, exc: BaseException) -> None:
-    """An unexpected failure on this rank: say so on stderr and abort the whole job now."""
-    msg = str(exc) if isinstance(exc, MoempiError) else \
-        "".join(traceback.format_exception(exc)).rstrip()
-    sys.stderr.write(f"moempi: error: rank {comm.rank}: {msg}\n")
+    """A failure on this rank alone: say it in one line on stderr (and its traceback with
+    ``--debug``) and abort the whole job now."""
+    if errors.DEBUG and not isinstance(exc, MoempiError):
+        sys.stderr.write(errors.traceback_text(exc) + "\n")
+    sys.stderr.write(f"moempi: error: rank {comm.rank}: {errors.describe(exc)}\n")
     sys.stderr.flush()
+    time.sleep(0.5)                # the launcher forwards the line before the abort's kill
     comm.Abort(1)

@@ -40,6 +40,7 @@ class Placement:
     gpus_per_node: int = 0
     topology: dict = field(default_factory=dict)
     objective: dict = field(default_factory=dict)
+    defaulted: tuple[int, ...] = ()     # MoE layers the JSON did not list (given the default)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -93,10 +94,11 @@ class Placement:
                 per_expert.append(tuple(sorted(ranks)))
             hosts[layer] = tuple(per_expert)
         default = default_hosts(num_experts, num_ranks)
-        for layer in moe_layers:
-            hosts.setdefault(layer, default)
+        defaulted = tuple(l for l in moe_layers if l not in hosts)
+        for layer in defaulted:
+            hosts[layer] = default
         return cls(num_ranks, num_experts, hosts, gpus_per_node, dict(topology),
-                   dict(data.get("objective") or {}))
+                   dict(data.get("objective") or {}), defaulted)
 
     @classmethod
     def load(cls, path: str, moe_layers) -> "Placement":
@@ -139,7 +141,7 @@ class Placement:
                     if r in seen and not allow_packing:
                         raise MoempiError(
                             f"{source}: layer {layer} gives rank {r} two experts ({seen[r]} and "
-                            f"{e}); set placement.allow_packing = true to allow packing")
+                            f"{e}); set parallel.allow_packing = true to allow packing")
                     seen.setdefault(r, e)
         return self
 

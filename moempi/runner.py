@@ -12,19 +12,36 @@ import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
-from . import __version__, hdf5, parallel
+from . import __version__, files, hdf5, parallel
 from .backend import make_backend
 from .balance import BiasBalancer, max_violation
-from .checkpoint import Checkpoint, checkpoint_complete, fingerprint, scan
+from .checkpoint import (Checkpoint, check_checkpoint_path, checkpoint_complete, fingerprint,
+                         scan)
 from .config import Config
 from .dispatch import Exchanger, probe_exchange_step, probe_network
 from .errors import MoempiError
 from .experts import mlp, rmsnorm
 from .heap import keep_freed_memory
+from .memory import available_host_bytes, check_host_memory
 from .model import load_weights
-from .pipeline import TIMINGS, Context, Scheduler, Telemetry, run_batch, split_rows
+from .pipeline import TIMINGS, Context, Telemetry, run_batch, split_rows
 from .placement import Placement
 from .shapes import ModelMeta
+from .stall import WatchedScheduler, Watchdog
+
+
+# what each /timings dataset measures, per rank and layer (stored as its description)
+TIMING_MEANING = {
+    "gate": "norm, gating and routing", "dispatch": "dispatch exchanges, posting to completion",
+    "expert": "expert MLP compute (the dense MLP in dense layers)",
+    "pack": "gathering, BF16 rounding and un-permuting exchange buffers",
+    "compute": "all local work of the layer (everything but MPI calls and waiting)",
+    "combine": "combine exchanges, posting to completion",
+    "wait": "time blocked waiting for the layer's exchanges",
+    "busy": "time running the layer's code, MPI calls included",
+    "overall": "busy + wait: the layer's wall time on this rank",
+    "pure_comm": "the layer's exchanges replayed alone, without compute",
+}
 
 
 def say(comm: MPI.Comm, msg: str) -> None:
@@ -40,7 +57,7 @@ class Setup:
     meta: ModelMeta
     placement: Placement
     num_tokens: int
-    default_placement: bool
+    notes: tuple = ()            # warnings for the user: questionable but accepted input
 
 
 def prepare(cfg: Config, ep: int) -> Setup:
@@ -50,16 +67,42 @@ def prepare(cfg: Config, ep: int) -> Setup:
         meta = hdf5.meta_from_file(f, run.model)
         hdf5.check_model_datasets(f, meta, run.model)
     num_tokens, hidden = hdf5.tokens_shape(run.tokens)
+    if num_tokens == 0:
+        raise MoempiError(f"{run.tokens}: /tokens has no rows: nothing to run")
     if hidden != meta.hidden_size:
         raise MoempiError(f"{run.tokens}: tokens have hidden size {hidden} but the model "
                           f"{run.model} has {meta.hidden_size}")
+    notes = []
     if run.placement:
         placement = Placement.load(run.placement, meta.moe_layers)
         placement.validate(ep, meta.num_experts, cfg.parallel.allow_packing, run.placement)
+        if placement.defaulted:
+            notes.append(f"placement {run.placement} lists no hosts for MoE layer(s) "
+                         f"{layer_ranges(placement.defaulted)}: they use the default "
+                         "placement (DESIGN.md §2.4)")
     else:
         placement = Placement.default(meta.num_experts, ep, meta.moe_layers)
-    hdf5.check_output_path(run.output, run.overwrite)
-    return Setup(meta, placement, num_tokens, not run.placement)
+        if meta.num_experts > ep:
+            notes.append(f"{meta.num_experts} experts on {ep} ranks: packing "
+                         f"{-(-meta.num_experts // ep)} experts per rank (default placement)")
+    inputs = {"model": run.model, "tokens": run.tokens, "placement": run.placement}
+    hdf5.check_output_path(run.output, run.overwrite, inputs)
+    notes += files.sweep(run.output)
+    if run.checkpoint:
+        check_checkpoint_path(run.checkpoint, inputs)
+        notes += files.sweep(run.checkpoint) if os.path.isdir(run.checkpoint) else []
+    return Setup(meta, placement, num_tokens, tuple(notes))
+
+
+def layer_ranges(layers) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs, layers = [], sorted(layers)
+    for l in layers:
+        if runs and l == runs[-1][1] + 1:
+            runs[-1][1] = l
+        else:
+            runs.append([l, l])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class Progress:
@@ -152,9 +195,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         return cfg.run.output
     setup = parallel.root_call(world, prepare, cfg, layout.ep)
     meta, placement = setup.meta, setup.placement
-    if setup.default_placement and meta.num_experts > layout.ep:
-        say(world, f"warning: {meta.num_experts} experts on {layout.ep} ranks: packing "
-                   f"{-(-meta.num_experts // layout.ep)} experts per rank (default placement)")
+    for note in setup.notes:
+        say(world, f"warning: {note}")
     say(world, f"moempi {__version__}: {world.size} ranks (ep={layout.ep}, dp={layout.dp}), "
                f"{meta.num_layers} layers ({meta.num_dense_layers} dense), {meta.num_experts} "
                f"experts, hidden {meta.hidden_size}, {setup.num_tokens} tokens, "
@@ -168,7 +210,16 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     if capacity:
         parallel.root_call(world, check_memory, cfg, meta, layout, setup.num_tokens, capacity)
     start, stop = split_rows(setup.num_tokens, world.size)[world.rank]   # this rank's tokens
-    x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start, stop)
+    num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
+    batch = cfg.pipeline.batch_tokens or max(1, max_local)
+    host = cfg.run.host_memory_gb * 1e9
+    if not host:                 # the node's available memory, shared by its ranks
+        host = (available_host_bytes() or 0) / parallel.node_ranks(world)
+    if host:
+        parallel.agree(world, check_host_memory, meta, layout.ep, num_local, min(batch, max_local),
+                       2 if cfg.run.precision == "bf16" else 4, not backend.gpu, host)
+    # NaN/Inf refused before any compute; batch by batch, as the forward pass reads them
+    parallel.agree(world, hdf5.check_tokens, cfg.run.tokens, start, stop, batch)
     t = time.perf_counter()
     expert_to_device = None
     if backend.gpu and cfg.run.precision == "bf16":      # BF16 tensor-core GEMMs
@@ -179,12 +230,10 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                f"({weights.nbytes / 2**20:.1f} MiB on rank 0)")
 
     # batches: the balancing and checkpoint step; the same count on every rank
-    num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
-    batch = cfg.pipeline.batch_tokens or max(1, max_local)
     num_batches = max(1, -(-max_local // batch))
     ckpt, done, resumed_micro = None, 0, 0
     if cfg.run.checkpoint:
-        expected = fingerprint(cfg, world.size, setup.num_tokens, batch)
+        expected = fingerprint(cfg, world.size, setup.num_tokens, batch, placement)
         found = parallel.root_call(world, scan, cfg.run.checkpoint, expected)
         done, resumed_micro = found["done"], found["micro_batches"]
         ckpt = Checkpoint(world, cfg.run.checkpoint, expected, num_batches)
@@ -207,12 +256,11 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                    for m in range(len(moe_layers))}
     balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
     ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, balancer.bias,
-                  tel, Scheduler(tel), backend, routing, cfg.balance.capacity_factor,
+                  tel, WatchedScheduler(tel), backend, routing, cfg.balance.capacity_factor,
                   cfg.balance.overflow == "reroute")
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
-    ctx.on_layer_done = progress
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
-    hidden = np.empty_like(x)
+    hidden = np.empty((num_local, meta.hidden_size), dtype=np.float32)
     if done:
         ckpt.restore(done, hidden, routing, tel, history, balancer.bias)
         say(world, f"resuming from checkpoint {cfg.run.checkpoint}: {done} of {num_batches} "
@@ -220,15 +268,19 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
                             blocking=not cfg.pipeline.overlap, backend=backend)
                   for _ in range(micro_batches)]
+    watchdog = Watchdog(world, ctx.scheduler, cfg.pipeline.stall_timeout)
+    ctx.on_layer_done = watchdog.progress(progress)
     try:
         t = last_report = time.perf_counter()
         for b in range(done, num_batches):
+            watchdog.new_batch(b)
             lo, hi = min(b * batch, num_local), min((b + 1) * batch, num_local)
             before = tel.tokens_per_expert.copy()
             history["bias"].append(balancer.bias.copy())
             if progress:
                 progress.new_batch(b, micro_batches)
-            hidden[lo:hi] = run_batch(ctx, exchangers, x[lo:hi], lo, b)
+            x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
+            hidden[lo:hi] = run_batch(ctx, exchangers, x, lo, b)
             load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
             history["tokens_per_expert"].append(load)
             balancer.update(load)
@@ -240,6 +292,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                 say(world, f"batch {b + 1}/{num_batches} done, {now - t:.1f} s")
                 last_report = now
         forward_s = time.perf_counter() - t
+        watchdog.close()
         if weights.final_norm is not None:
             hidden = rmsnorm(hidden, backend.to_host(weights.final_norm), meta.norm_eps)
         pure_comm = np.zeros(meta.num_layers)
@@ -305,6 +358,8 @@ def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.nd
                    routing)
         if writer:
             loads = np.stack(history["tokens_per_expert"])            # [B, L_moe, E]
+            writer.array("axes/batch", np.arange(len(loads)), scale="batch",
+                         description="batch index (pipeline.batch_tokens per rank each)")
             writer.array("balance/bias", np.stack(history["bias"]),
                          dims="batch, moe layer, expert", note="bias used for each batch")
             writer.array("balance/tokens_per_expert", loads, dims="batch, moe layer, expert")
@@ -323,39 +378,56 @@ def _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_e
                routing) -> None:
     num_tokens = world.allreduce(len(hidden))
     starts = [start for start, _ in split_rows(num_tokens, world.size)]
-    ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4") if writer else None
+    ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4", dims="token, hidden",
+                        description="the stack's output (after the final norm, if the model has "
+                                    "one), rows in the input token order", units="as /tokens"
+                        ) if writer else None
     parallel.stream_rows_to_dataset(world, hidden, ds, starts)
     if routing is not None:
         home = np.full(len(hidden), world.rank, dtype=np.int32)
-        hds = writer.dataset("routing/home_rank", (num_tokens,), "i4") if writer else None
+        hds = writer.dataset("routing/home_rank", (num_tokens,), "i4", dims="token",
+                             description="the rank that owned the token") if writer else None
         parallel.stream_rows_to_dataset(world, home, hds, starts)
         for m, layer in enumerate(meta.moe_layers):
             for name, arr in zip(("topk_idx", "dest_rank"), routing[m]):
                 rds = (writer.dataset(f"routing/{layer:03d}/{name}", (num_tokens, meta.top_k),
-                                      "i4") if writer else None)
+                                      "i4", dims="token, k") if writer else None)
                 parallel.stream_rows_to_dataset(world, arr, rds, starts)
     if not writer:
         return
     P = world.size
+    writer.array("axes/layer", np.arange(meta.num_layers), scale="layer",
+                 description=f"layer index; layers 0..{meta.num_dense_layers - 1} are dense")
+    writer.array("axes/rank", np.arange(P), scale="rank", description="MPI world rank")
+    writer.array("axes/expert", np.arange(meta.num_experts), scale="expert",
+                 description="expert index within a MoE layer")
     for name, data in seconds.items():
-        writer.array(f"timings/{name}", data, units="s", dims="rank, layer")
+        writer.array(f"timings/{name}", data, units="s", dims="rank, layer",
+                     description=TIMING_MEANING[name])
     busy, wait, compute = seconds["busy"], seconds["wait"], seconds["compute"]
     overall = busy + wait
-    writer.array("timings/overall", overall, units="s", dims="rank, layer")
-    writer.array("timings/pure_comm", pure, units="s", dims="rank, layer")
+    writer.array("timings/overall", overall, units="s", dims="rank, layer",
+                 description=TIMING_MEANING["overall"])
+    writer.array("timings/pure_comm", pure, units="s", dims="rank, layer",
+                 description=TIMING_MEANING["pure_comm"])
     writer.array("timings/overlap", overlap_percent(overall, compute, pure), units="%",
+                 dims="rank, layer",
                  definition="max(0, 100 * (1 - (overall - compute) / pure_comm))")
     moe = np.array(list(meta.moe_layers), dtype=np.int32)
-    writer.array("stats/moe_layers", moe)
-    writer.array("stats/tokens_per_expert", tokens_per_expert, dims="moe layer, expert")
-    writer.array("stats/tokens_per_rank", rows.T.copy(), dims="moe layer, rank")
+    writer.array("stats/moe_layers", moe, scale="moe layer",
+                 description="the layer index of each MoE layer (the moe layer axis)")
+    writer.array("stats/tokens_per_expert", tokens_per_expert, dims="moe layer, expert",
+                 units="(token, expert) pairs", description="pairs routed to each expert")
+    writer.array("stats/tokens_per_rank", rows.T.copy(), dims="moe layer, rank",
+                 units="rows", description="rows each rank's experts computed")
     # traffic: rows each rank sent to each rank of its expert group, as world ranks
     ep = traffic.shape[2]
     full = np.zeros((len(moe), P, P), dtype=np.int64)
     for src in range(P):
         base = (src // ep) * ep
         full[:, src, base:base + ep] = traffic[src]
-    writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank")
+    writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank",
+                 units="rows", description="rows each rank sent to each rank")
 
 
 def versions() -> dict:

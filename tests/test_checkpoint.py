@@ -10,7 +10,9 @@ from conftest import mpirun
 KILL = """
 import os, sys
 from mpi4py import MPI
-from moempi import checkpoint, cli
+from moempi import checkpoint, cli, runner
+if os.environ.get("PROBE_CHOICE"):          # what the start-up probe chooses in this start
+    runner.choose_micro_batches = lambda *args: (int(os.environ["PROBE_CHOICE"]), {})
 original = checkpoint.Checkpoint.save
 def save(self, batch, *args, **kwargs):
     original(self, batch, *args, **kwargs)
@@ -56,7 +58,30 @@ def test_checkpoint_from_another_run_is_refused(files, tmp_path):
     proc = mpirun(2, "run", *common, "--output", tmp_path / "b.h5", "--checkpoint", ckpt,
                   "--precision", "bf16", check=False)
     assert proc.returncode != 0 and "checkpoint belongs to another run" in proc.stderr
+    assert "run.precision: was fp32, now bf16" in proc.stderr
     assert not (tmp_path / "b.h5").exists()
+
+
+def test_resume_reuses_the_recorded_micro_batch_count(files, tmp_path):
+    """The probe chose 3 in the killed start; the resumption keeps 3 (it would choose
+    otherwise), and naming another count is refused, naming the setting."""
+    common = ["--model", files / "deep.h5", "--tokens", files / "tok.h5",
+              "--set", "pipeline.batch_tokens=50"]
+    script, ckpt, out = tmp_path / "kill.py", tmp_path / "ckpt", tmp_path / "out.h5"
+    script.write_text(KILL)
+    full = tmp_path / "full.h5"
+    mpirun(2, "run", *common, "--output", full, "--micro-batches", "3")
+    mpirun(2, script, *common, "--output", out, "--checkpoint", ckpt, python=True, check=False,
+           env={"KILL_AFTER_BATCH": "1", "PROBE_CHOICE": "3"})
+    other = mpirun(2, "run", *common, "--output", out, "--checkpoint", ckpt,
+                   "--micro-batches", "2", check=False)
+    assert other.returncode != 0 and not out.exists()
+    assert "pipeline.micro_batches: was 3 (the probe's choice), now 2" in other.stderr
+    proc = mpirun(2, "run", *common, "--output", out, "--checkpoint", ckpt)
+    assert "2 of 3 batch(es) already done" in proc.stdout and "3 micro-batch(es)" in proc.stdout
+    with h5py.File(full, "r") as a, h5py.File(out, "r") as b:
+        assert b.attrs["micro_batches"] == 3
+        assert np.array_equal(a["hidden"][()], b["hidden"][()])          # 61 layers, bit for bit
 
 
 def test_job_id_in_output_name(files, tmp_path):

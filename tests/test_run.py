@@ -8,11 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpirun, reference
+from conftest import moempi, mpirun, reference
 from reference import rel_l2
 
 EXACT = 1e-4          # fp32 mode vs float64 reference (DESIGN.md §1)
 SAME = 1e-5           # any two fp32 runs: overlap on/off, any micro-batch count
+DEEP_SAME = 2e-6      # two micro-batch counts at 61 layers (the test model: measured <= 9.4e-7)
 BF16_WIRE = 3e-2      # bf16 mode vs float64 on the 6-layer test model (measured: ~1e-2)
 
 
@@ -57,6 +58,19 @@ def test_many_small_micro_batches_through_61_layers(files, tmp_path, n, micro):
     path, _ = run(files, tmp_path, n, "deep.h5", "tok.h5", "--micro-batches", str(micro),
                   "--set", "pipeline.batch_tokens=8")
     assert rel_l2(hidden(path), ref) <= EXACT
+
+
+def test_same_configuration_bit_identical_and_micro_batch_counts_agree(files, tmp_path):
+    """61 layers: one configuration run twice gives the same bits; other micro-batch counts
+    agree to DEEP_SAME (the README's figure)."""
+    outs = {}
+    for label, micro in (("m3", 3), ("m3 again", 3), ("m1", 1), ("m5", 5)):
+        path, _ = run(files, tmp_path, 2, "deep.h5", "tok.h5", "--micro-batches", str(micro),
+                      name=f"{label.replace(' ', '_')}.h5")
+        outs[label] = hidden(path)
+    assert np.array_equal(outs["m3"], outs["m3 again"])
+    for other in ("m1", "m5"):
+        assert rel_l2(outs[other], outs["m3"]) <= DEEP_SAME, other
 
 
 def test_ep16_oversubscribed(files, tmp_path):
@@ -111,9 +125,11 @@ def test_placement_json(files, tmp_path):
     pfile = tmp_path / "p.json"
     pfile.write_text(json.dumps(placement))
     ref = reference(files / "e4.h5", files / "tok.h5")
-    path, _ = run(files, tmp_path, 2, "e4.h5", "tok.h5", "--placement", pfile,
-                  "--set", "parallel.allow_packing=true", "--save-routing")
+    path, proc = run(files, tmp_path, 2, "e4.h5", "tok.h5", "--placement", pfile,
+                     "--set", "parallel.allow_packing=true", "--save-routing")
     assert rel_l2(hidden(path), ref) <= EXACT
+    assert (f"warning: placement {pfile} lists no hosts for MoE layer(s) 1, 3, 5: they use "
+            "the default placement") in proc.stdout
     with h5py.File(path, "r") as f:
         idx, dest = f["routing/002/topk_idx"][()], f["routing/002/dest_rank"][()]
         assert (dest == np.array([1, 0, 1, 0])[idx]).all()
@@ -132,4 +148,17 @@ def test_telemetry_recorded(files, tmp_path):
         cfg = json.loads(f.attrs["config"])
         assert cfg["pipeline"]["micro_batches"] == 2 and f.attrs["micro_batches"] == 2
         assert "mpi" in json.loads(f.attrs["versions"])
+        # self-describing: meaning and units, and HDF5 dimension scales on the named axes
+        assert "input token order" in f["hidden"].attrs["description"]
+        assert [d.label for d in f["hidden"].dims] == ["token", "hidden"]
+        assert f["timings/wait"].attrs["units"] == "s" and f["timings/wait"].attrs["description"]
+        scales = {"timings/overlap": ["/axes/rank", "/axes/layer"],
+                  "stats/tokens_per_expert": ["/stats/moe_layers", "/axes/expert"],
+                  "stats/traffic": ["/stats/moe_layers", "/axes/rank", "/axes/rank"],
+                  "balance/bias": ["/axes/batch", "/stats/moe_layers", "/axes/expert"]}
+        for name, expected in scales.items():
+            assert [d[0].name for d in f[name].dims] == expected, name
+        assert list(f["axes/layer"][()]) == list(range(6))
     assert "wrote" in proc.stdout
+    shown = moempi("inspect", path).stdout
+    assert "max over ranks" in shown and "    0 dense" in shown and "    1   moe" in shown

@@ -38,6 +38,44 @@ def test_config_errors(data, overrides, message):
     assert message in str(err.value)
 
 
+def _message_texts():
+    """Every string constant in moempi's source but docstrings, f-string pieces included:
+    (file, line, text)."""
+    import ast
+    import pathlib
+    import moempi
+    for path in sorted(pathlib.Path(moempi.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(node.body[0].value) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                and node.body and isinstance(node.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docs:
+                yield path.name, node.lineno, node.value
+
+
+def test_every_suggested_config_key_exists():
+    """A message that names a config key (``section.key``, or ``x.y = value`` as advice)
+    names one the configuration accepts."""
+    import dataclasses
+    import re
+    from moempi.config import Config
+    schema = {f.name: {g.name for g in dataclasses.fields(f.default_factory())}
+              for f in dataclasses.fields(Config)}
+    named = re.compile(r"\b([a-z_]+)\.([a-z_]+)\b(\s*=\s*(?:true|false|\d|\"))?")
+    checked, wrong = 0, []
+    for name, line, text in _message_texts():
+        for m in named.finditer(text):
+            section, key, advice = m.groups()
+            if section in schema or advice:
+                checked += 1
+                if key not in schema.get(section, ()):
+                    wrong.append(f"{name}:{line}: {section}.{key}")
+    assert not wrong, wrong
+    assert checked > 20                      # the scan does find the messages' keys
+
+
 def test_config_requires_model_and_tokens():
     with pytest.raises(MoempiError, match="run.model is required"):
         build_config({}).validate()
@@ -129,7 +167,7 @@ def test_model_meta_errors(tmp_path):
     with pytest.raises(MoempiError, match="not a moempi model"):
         hdf5.read_model_meta(str(path))
     path.write_bytes(b"not hdf5 at all")
-    with pytest.raises(MoempiError, match="cannot open model as HDF5"):
+    with pytest.raises(MoempiError, match="not an HDF5 file"):
         hdf5.read_model_meta(str(path))
 
 
@@ -139,6 +177,9 @@ def test_tokens_are_seeded_and_chunked(tmp_path):
     hdf5.write_tokens(str(b), 5000, 16, seed=3)
     assert np.array_equal(hdf5.read_tokens(str(a), 0, 5000), hdf5.read_tokens(str(b), 0, 5000))
     assert hdf5.tokens_shape(str(a)) == (5000, 16)
+    with h5py.File(a, "r") as f:            # the file says what it is and how it was made
+        assert (f.attrs["format"], f.attrs["version"], f.attrs["seed"]) == ("moempi-tokens", 1, 3)
+        assert "default_rng" in f.attrs["generator"] and f["tokens"].attrs["dims"] == "token, hidden"
 
 
 def test_split_rows_covers_everything():
