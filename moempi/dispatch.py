@@ -299,7 +299,11 @@ def probe_network(comm: MPI.Comm, hidden: int, wire_bytes: int, rows: int = 256,
         best.append(min(times))
     latency = best[0]
     extra_bytes = (rows - 1) * hidden * wire_bytes * max(1, size - 1)
-    bandwidth = extra_bytes / max(best[1] - best[0], 1e-9)
+    # the extra bytes over the extra time, unless the large exchange took barely longer than
+    # the small one (timer noise then gave figures like 783 TB/s): then the bytes over the
+    # whole time, a lower bound
+    spread = best[1] - best[0]
+    bandwidth = extra_bytes / (spread if spread > best[1] / 2 else best[1])
     return comm.bcast((latency, bandwidth), root=0)
 
 

@@ -49,3 +49,17 @@ def test_make_plan_rejects_a_stray_expert():
     received = np.array([[0, 1]], dtype=np.int32)
     with pytest.raises(MoempiError, match="does not host"):
         make_plan(2, np.array([], dtype=np.int64), np.zeros((1, 2), np.int32), received, [0])
+
+
+def test_network_probe_gives_plausible_figures():
+    """No timer-noise figures (a recorded 783 TB/s): the extra bytes of the large exchange
+    cannot have moved in less than half the time of the small one.  With 2 rows of 1 float
+    the two exchanges take the same time, and the old estimate (bytes over a difference of
+    noise, floored at 1 ns) said 4 GB/s for 4 bytes."""
+    from mpi4py import MPI
+    from moempi.dispatch import probe_network
+    for hidden, rows in ((1, 2), (1024, 256)):
+        latency, bandwidth = probe_network(MPI.COMM_SELF, hidden, 4, rows=rows)
+        extra_bytes = (rows - 1) * hidden * 4
+        assert 0 < latency < 1.0
+        assert 0 < bandwidth <= 2 * extra_bytes / latency
