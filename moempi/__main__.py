@@ -1,5 +1,5 @@
 """`python -m moempi`: the same as the `moempi` command."""
 
-from .cli import main
+from moempi.cli import main
 
 main()

@@ -93,10 +93,10 @@ def binding(c: Check, backend: str) -> None:
 def numerics(c: Check, backend: str, quick: bool) -> None:
     """The BF16 pieces alone, in this process, against numpy/ml_dtypes and float64."""
     import ml_dtypes
-    from moempi import cupy_standin
-    from moempi.arrays import encode_bf16
-    from moempi.backend import DeviceBackend
-    from moempi.experts import mlp
+    from moempi.runtime import cupy_standin
+    from moempi.model.arrays import encode_bf16
+    from moempi.runtime.backend import DeviceBackend
+    from moempi.model.experts import mlp
     cp = cupy_standin if backend == "standin" else __import__("cupy")
     dev = DeviceBackend(cp, 0, cuda_aware=False, name=backend)
     with dev.running():          # every kernel on the backend's stream, as in the forward
@@ -126,7 +126,7 @@ def numerics(c: Check, backend: str, quick: bool) -> None:
                                  "silu")).astype(np.float32)
         c.row("numerics", "expert MLP, BF16 in and out, fused activation",
               f"rel L2 {rel_l2(yb, ref):.1e} against float64")
-        from moempi.gating import gate_probs, route
+        from moempi.model.gating import gate_probs, route
         gate = (rng.standard_normal((H, 8)) * 2 * H**-0.5).astype(np.float32)
         probs = gate_probs(h, gate)
         want_idx, _ = route(probs, 2)

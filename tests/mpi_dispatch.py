@@ -1,4 +1,4 @@
-"""Run under mpiexec: dispatch/combine invariants of moempi.dispatch at any world size.
+"""Run under mpiexec: dispatch/combine invariants of moempi.runtime.dispatch at any world size.
 
 Tokens are tagged with their source rank and token id; after dispatch every row must sit
 on the rank the placement says, for the expert it was sent to; after combine every pair
@@ -18,9 +18,9 @@ import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
-from moempi.backend import make_backend
-from moempi.dispatch import Exchanger, drive
-from moempi.placement import Placement, assign_replicas
+from moempi.runtime.backend import make_backend
+from moempi.runtime.dispatch import Exchanger, drive
+from moempi.place.placement import Placement, assign_replicas
 
 
 def check(comm, backend, num_experts, precision, blocking, seed, hidden, max_tokens):

@@ -1,4 +1,4 @@
-"""An independent float64 reference of DESIGN.md §1, reading the HDF5 files directly.
+"""An independent float64 reference of docs/design.md §1, reading the HDF5 files directly.
 
 It shares no code with moempi on purpose: a bug there cannot hide here.
 """

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import mpirun
-from moempi.balance import BiasBalancer, apply_capacity, capacity, max_violation
-from moempi.config import BalanceSection
+from moempi.model.balance import BiasBalancer, apply_capacity, capacity, max_violation
+from moempi.io.config import BalanceSection
 from reference import forward, rel_l2
 
 
@@ -114,7 +114,7 @@ def test_apply_capacity_keeps_best_and_reroutes():
 
 
 def test_dropped_pair_does_not_reweight_the_others():
-    from moempi.balance import topk_weights_for
+    from moempi.model.balance import topk_weights_for
     probs = np.array([[0.6, 0.3, 0.1]], dtype=np.float32)
     chosen = np.array([[0, 1]])
     assert np.allclose(topk_weights_for(probs, np.array([[0, -1]]), chosen, True), [[2 / 3, 0]])

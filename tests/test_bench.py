@@ -40,7 +40,7 @@ def test_bench_place_quick():
 def test_bench_calibrate_writes_what_plan_takes(tmp_path):
     """The runner's calibration through `moempi bench`, a second process added (medians),
     and `plan --hardware` on the file."""
-    from moempi.perf import Calibration
+    from moempi.perf.analytic import Calibration
     cal = tmp_path / "cal.json"
     mpirun(2, "bench", "calibrate", "--calibration", cal, timeout=120)
     mpirun(2, "bench", "calibrate", "--calibration", cal, "--add", timeout=120)

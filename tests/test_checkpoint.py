@@ -10,7 +10,8 @@ from conftest import mpirun
 KILL = """
 import os, sys
 from mpi4py import MPI
-from moempi import checkpoint, cli, runner
+from moempi.runtime import checkpoint, runner
+from moempi import cli
 if os.environ.get("PROBE_CHOICE"):          # what the start-up probe chooses in this start
     runner.choose_micro_batches = lambda *args: (int(os.environ["PROBE_CHOICE"]), {})
 original = checkpoint.Checkpoint.save

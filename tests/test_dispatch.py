@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import mpirun
-from moempi.dispatch import make_plan, send_layout
+from moempi.runtime.dispatch import make_plan, send_layout
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -57,7 +57,7 @@ def test_network_probe_gives_plausible_figures():
     the two exchanges take the same time, and the old estimate (bytes over a difference of
     noise, floored at 1 ns) said 4 GB/s for 4 bytes."""
     from mpi4py import MPI
-    from moempi.dispatch import probe_network
+    from moempi.runtime.dispatch import probe_network
     for hidden, rows in ((1, 2), (1024, 256)):
         latency, bandwidth = probe_network(MPI.COMM_SELF, hidden, 4, rows=rows)
         extra_bytes = (rows - 1) * hidden * 4

@@ -187,7 +187,8 @@ def test_existing_output_not_overwritten(files, tmp_path):
 
 FAULT = """
 import sys
-from moempi import cli, pipeline
+from moempi import cli
+from moempi.runtime import pipeline
 from mpi4py import MPI
 original = pipeline.MicroBatch._experts
 def broken(self, layer, plan, recv):
@@ -259,7 +260,8 @@ def test_make_tokens_onto_its_model_is_refused(files, tmp_path):
 
 APPEARS = """
 import sys
-from moempi import cli, hdf5
+from moempi import cli
+from moempi.io import hdf5
 original = hdf5.OutputWriter.commit
 def commit(self):                        # another job publishes the same output meanwhile
     open(self.path, "w").write("the other job's output")
@@ -339,7 +341,8 @@ def test_host_memory_refused_before_compute(files, tmp_path, n):
 
 READS = """
 import sys
-from moempi import cli, hdf5
+from moempi import cli
+from moempi.io import hdf5
 original = hdf5.read_tokens
 def read_tokens(path, start, stop):
     assert stop - start <= 16, f"read {stop - start} token rows at once"
@@ -388,7 +391,9 @@ def test_disk_full_while_writing_is_one_line(tmp_path):
 FAULTS = """
 import errno, os, sys
 from mpi4py import MPI
-from moempi import cli, hdf5, pipeline
+from moempi import cli
+from moempi.io import hdf5
+from moempi.runtime import pipeline
 if os.environ["FAULT"] == "memory":
     original = pipeline.MicroBatch._experts
     def experts(self, layer, plan, recv):

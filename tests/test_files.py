@@ -1,4 +1,4 @@
-"""Output files written safely (moempi.files): no-replace publishing, inputs protected, stale temporaries."""
+"""Output files written safely (moempi.io.files): no-replace publishing, inputs protected, stale temporaries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moempi import files
+from moempi.io import files
 from moempi.errors import MoempiError
 
 

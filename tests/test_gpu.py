@@ -131,8 +131,8 @@ def test_device_binding_by_node_local_rank(backend):
 
 def test_staged_buffers_report_readiness_through_events():
     """The stand-in's events are 'not ready' once: a staged send must be polled, then go."""
-    from moempi import cupy_standin
-    from moempi.backend import DeviceBackend
+    from moempi.runtime import cupy_standin
+    from moempi.runtime.backend import DeviceBackend
     backend = DeviceBackend(cupy_standin, 0, cuda_aware=False, name="standin")
     h = backend.to_device(np.arange(12, dtype=np.float32).reshape(4, 3))
     out = backend.empty((2, 3), np.float32)
@@ -159,7 +159,7 @@ def test_gpu_bench_table(backend):
 def test_standin_refuses_a_copy_that_races_the_compute_stream():
     """CuPy reuses a freed block for the next allocation on the same stream, while kernels
     queued there may still use it: a copy on another stream must wait for that stream first."""
-    from moempi import cupy_standin as cp
+    from moempi.runtime import cupy_standin as cp
     compute, copy = cp.cuda.Stream(), cp.cuda.Stream()
     with compute:
         dev = cp.empty((2, 3), dtype=np.float32)

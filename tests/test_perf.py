@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from moempi.errors import MoempiError
-from moempi.memory import check_fits, memory_per_gpu, smallest_fitting_tp
-from moempi.perf import (Calibration, Hardware, Layout, choose_micro_batches, forward_time,
+from moempi.perf.memory import check_fits, memory_per_gpu, smallest_fitting_tp
+from moempi.perf.analytic import (Calibration, Hardware, Layout, choose_micro_batches, forward_time,
                          pipeline_time, touch_shares, traffic_from_pairs, uniform_pairs)
-from moempi.plan import plan
-from moempi.shapes import PRESETS
-from moempi.topology import Topology
+from moempi.cli.plan import plan
+from moempi.model.shapes import PRESETS
+from moempi.io.topology import Topology
 
 DSV3 = PRESETS["deepseek-v3"]
 SEED = Hardware.from_topology(Topology())
@@ -215,7 +215,7 @@ def test_plan_help_explains():
 
 
 def test_plan_reads_model_file(tmp_path):
-    from moempi.hdf5 import write_model
+    from moempi.io.hdf5 import write_model
     path = tmp_path / "m.h5"
     write_model(str(path), PRESETS["tiny"], seed=1)
     res = invoke("--model", str(path), "--ep", "4", "--tokens-per-gpu", "64")
@@ -246,7 +246,7 @@ def test_dp_and_tp_scale_gpus_not_per_gpu_time():
 
 def test_fixed_cost_per_micro_batch_lowers_the_count():
     """A host cost per micro-batch that nothing hides (the runner's probed exchange step)."""
-    from moempi.perf import best_micro_batches
+    from moempi.perf.analytic import best_micro_batches
     free = best_micro_batches(compute_s=0.1, exchange_s=0.05, latency_s=0.0)
     costly = best_micro_batches(compute_s=0.1, exchange_s=0.05, latency_s=0.0, overhead_s=0.005)
     assert free == 16 and 1 < costly < free
@@ -280,7 +280,7 @@ def test_first_touch_paid_once_per_pass_over_the_moe_layers():
 
 def test_keep_freed_memory_on_glibc():
     import platform
-    from moempi.heap import keep_freed_memory
+    from moempi.runtime.heap import keep_freed_memory
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt thresholds are glibc's")
     assert keep_freed_memory()

@@ -9,13 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from moempi.errors import MoempiError
-from moempi.place.command import place
+from moempi.cli.place import place
 from moempi.place.optimise import _bottleneck_assignment, place_experts
 from moempi.place.routing import REGIMES, load_trace, synthetic_routing
 from moempi.place.scoring import dest_ranks, evaluate, link_loads, traffic_matrix
-from moempi.placement import Placement
-from moempi.shapes import PRESETS
-from moempi.topology import Topology
+from moempi.place.placement import Placement
+from moempi.model.shapes import PRESETS
+from moempi.io.topology import Topology
 
 
 def meta_for(num_experts, num_moe_layers=2):

@@ -1,4 +1,4 @@
-"""`moempi.plots.write_plots`: three PNG figures from a run's output (matplotlib optional)."""
+"""`moempi.reports.plots.write_plots`: three PNG figures from a run's output (matplotlib optional)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import mpirun
 from moempi.errors import MoempiError
-from moempi.plots import FIGURES, write_plots
+from moempi.reports.plots import FIGURES, write_plots
 
 
 def png_size(path) -> tuple[int, int]:

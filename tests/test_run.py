@@ -11,7 +11,7 @@ import pytest
 from conftest import moempi, mpirun, reference
 from reference import rel_l2
 
-EXACT = 1e-4          # fp32 mode vs float64 reference (DESIGN.md §1)
+EXACT = 1e-4          # fp32 mode vs float64 reference (docs/design.md §1)
 SAME = 1e-5           # any two fp32 runs: overlap on/off, any micro-batch count
 DEEP_SAME = 2e-6      # two micro-batch counts at 61 layers (the test model: measured <= 9.4e-7)
 BF16_WIRE = 3e-2      # bf16 mode vs float64 on the 6-layer test model (measured: ~1e-2)

@@ -18,7 +18,8 @@ from conftest import MOEMPI, MPI_ENV, MPIEXEC, moempi
 WRITING = """
 import os, sys, time
 from mpi4py import MPI
-from moempi import cli, hdf5
+from moempi import cli
+from moempi.io import hdf5
 rank = MPI.COMM_WORLD.rank
 open(os.path.join(os.environ["MARKS"], f"pid-{rank}"), "w").write(str(os.getpid()))
 original = hdf5.OutputWriter.array
@@ -33,7 +34,8 @@ cli.main()
 # make-tokens, slowed down so a signal finds it writing
 SLOW = """
 import sys, time
-from moempi import cli, hdf5
+from moempi import cli
+from moempi.io import hdf5
 original = hdf5._rng
 def slow(*key):
     time.sleep(0.2)
@@ -137,7 +139,8 @@ def test_killed_process_leftovers_removed_by_next_writer(tmp_path):
 FORWARD = """
 import os, sys
 from mpi4py import MPI
-from moempi import cli, runner
+from moempi import cli
+from moempi.runtime import runner
 marks = os.environ["MARKS"]
 open(os.path.join(marks, f"pid-{MPI.COMM_WORLD.rank}"), "w").write(str(os.getpid()))
 original = runner.run_batch

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from moempi import cupy_standin as cp
-from moempi.backend import DeviceBackend
-from moempi.dispatch import Exchanger, drive
-from moempi.placement import Placement, assign_replicas
+from moempi.runtime import cupy_standin as cp
+from moempi.runtime.backend import DeviceBackend
+from moempi.runtime.dispatch import Exchanger, drive
+from moempi.place.placement import Placement, assign_replicas
 
 
 def test_a_with_block_forgets_the_stream_set_by_use():

@@ -7,13 +7,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from moempi import hdf5
-from moempi.config import build_config, parse_value
+from moempi.io import hdf5
+from moempi.io.config import build_config, parse_value
 from moempi.errors import MoempiError
-from moempi.gating import gate_probs, route
-from moempi.pipeline import split_rows
-from moempi.placement import Placement, assign_replicas, default_hosts
-from moempi.shapes import PRESETS
+from moempi.model.gating import gate_probs, route
+from moempi.runtime.pipeline import split_rows
+from moempi.place.placement import Placement, assign_replicas, default_hosts
+from moempi.model.shapes import PRESETS
 
 
 # -- config ----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_every_suggested_config_key_exists():
     names one the configuration accepts."""
     import dataclasses
     import re
-    from moempi.config import Config
+    from moempi.io.config import Config
     schema = {f.name: {g.name for g in dataclasses.fields(f.default_factory())}
               for f in dataclasses.fields(Config)}
     named = re.compile(r"\b([a-z_]+)\.([a-z_]+)\b(\s*=\s*(?:true|false|\d|\"))?")
@@ -190,8 +190,8 @@ def test_split_rows_covers_everything():
 def test_example_inputs_are_valid():
     from pathlib import Path
 
-    from moempi.config import load_config
-    from moempi.topology import load_topology
+    from moempi.io.config import load_config
+    from moempi.io.topology import load_topology
     root = Path(__file__).resolve().parent.parent / "input"
     for path in root.glob("*.toml"):
         if path.name.startswith("topology"):

@@ -32,11 +32,11 @@ pytestmark = pytest.mark.validate
 from click.testing import CliRunner
 
 from conftest import moempi, mpirun
-from moempi.perf import Calibration, Hardware, Layout, forward_time
-from moempi.perf_validate import TOLERANCE, format_table, predict_runs, summarize
-from moempi.plan import plan
-from moempi.shapes import PRESETS
-from moempi.topology import Topology
+from moempi.perf.analytic import Calibration, Hardware, Layout, forward_time
+from moempi.measure.validate import TOLERANCE, format_table, predict_runs, summarize
+from moempi.cli.plan import plan
+from moempi.model.shapes import PRESETS
+from moempi.io.topology import Topology
 
 SHAPES = {"h512-f1024": (512, 1024), "h1024-f256": (1024, 256)}
 RANKS = (2, 4)

@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from ..placement import Placement
-from ..topology import Topology
+from moempi.io.topology import Topology
+from moempi.place.placement import Placement
 
 
 def rank_slots(num_experts: int, num_ranks: int, pos: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def _meta_topology(topology: Topology) -> dict:
 
 
 def contiguous_placement(num_experts: int, moe_layers, topology: Topology) -> Placement:
-    """Expert e on rank e (DESIGN.md §2.4 default; spare ranks hold replicas round-robin)."""
+    """Expert e on rank e (docs/design.md §2.4 default; spare ranks hold replicas round-robin)."""
     default = Placement.default(num_experts, topology.num_gpus, moe_layers, topology.gpus_per_node)
     return dataclasses.replace(default, topology=_meta_topology(topology))
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from ..shapes import PRESETS
-from ..topology import Topology
-from .optimise import place_experts
-from .routing import REGIMES, synthetic_routing
+from moempi.io.topology import Topology
+from moempi.model.shapes import PRESETS
+from moempi.place.optimise import place_experts
+from moempi.place.routing import REGIMES, synthetic_routing
 
 # (nodes, gpus per node, experts): equal counts, spare GPUs holding replicas, DeepSeek-V3's
 # 256 experts on 256 GPUs, and packing (more experts than GPUs).

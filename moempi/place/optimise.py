@@ -38,14 +38,13 @@ import dataclasses
 
 import numpy as np
 
-from ..errors import MoempiError
-from ..placement import Placement
-from ..shapes import ModelMeta
-from ..topology import Topology
-from .baselines import (_lpt, _meta_topology, contiguous_placement, eplb_placement,
-                        hosts_from_instances, instances, rank_slots)
-from .routing import RoutingTrace
-from .scoring import check_memory, evaluate, layer_key, link_loads, traffic_matrix
+from moempi.errors import MoempiError
+from moempi.io.topology import Topology
+from moempi.model.shapes import ModelMeta
+from moempi.place.placement import Placement
+from moempi.place.baselines import (_lpt, _meta_topology, contiguous_placement, eplb_placement, hosts_from_instances, instances, rank_slots)
+from moempi.place.routing import RoutingTrace
+from moempi.place.scoring import check_memory, evaluate, layer_key, link_loads, traffic_matrix
 
 
 def _contrib(pairs: np.ndarray, count: np.ndarray, link: str):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MoempiError
-from ..shapes import ModelMeta
+from moempi.errors import MoempiError
+from moempi.model.shapes import ModelMeta
 
 REGIMES = ("uniform", "zipf", "clusters", "locality")
 
@@ -81,7 +81,7 @@ def trace_model_meta(path: str) -> ModelMeta:
 
 
 def load_trace(path: str, meta: ModelMeta | None = None) -> RoutingTrace:
-    """Read the routing saved by ``moempi run --save-routing`` (DESIGN.md §2.3).
+    """Read the routing saved by ``moempi run --save-routing`` (docs/design.md §2.3).
 
     Pairs whose ``dest_rank`` is -1 (dropped by capacity) are marked -1 in ``topk_idx``:
     they were never sent, so they load no link.  With ``meta``, a trace written for another

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MoempiError
-from ..placement import Placement, assign_replicas
-from ..shapes import ModelMeta
-from ..topology import Topology
-from .routing import RoutingTrace
+from moempi.errors import MoempiError
+from moempi.io.topology import Topology
+from moempi.model.shapes import ModelMeta
+from moempi.place.placement import Placement, assign_replicas
+from moempi.place.routing import RoutingTrace
 
 
 def segments(num_local: int, batch_tokens: int = 0, micro_batches: int = 1) -> list[tuple[int, int]]:

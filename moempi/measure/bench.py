@@ -1,0 +1,407 @@
+"""Microbenchmarks: expert compute vs plain GEMM, exchange vs raw Alltoallv, overlapped vs blocking.
+
+Every figure is a ratio of two things measured in the same run on the same ranks, so it
+says how close moempi's code paths come to what the machine offers, whatever the machine.
+The runs go through the real code (``pipeline.run_batch`` and ``dispatch.Exchanger``) on
+weights made in memory, so no model file is needed.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from moempi.model.shapes import ModelMeta
+from moempi.model.stack import DenseLayer, MoeLayer, Weights
+from moempi.perf.analytic import WIRE_BYTES, Calibration
+from moempi.place.placement import Placement, assign_replicas
+from moempi.runtime.backend import HostBackend
+from moempi.runtime.dispatch import Exchanger, drive, probe_network
+from moempi.runtime.pipeline import Context, Scheduler, Telemetry, run_batch
+from moempi.runtime.runner import overlap_percent
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    ffn: int
+    tokens: int          # tokens per rank
+    layers: int          # MoE layers
+    dense_ffn: int = 0   # > 0: one dense layer of MLP width Fd first (perf_validate's calibration)
+
+
+def synthetic(comm: MPI.Comm, shape: Shape, seed: int = 0):
+    """An in-memory MoE stack: one expert per rank per layer, random weights and tokens
+    (after one dense layer of width ``shape.dense_ffn`` when that is > 0)."""
+    E, H, F = comm.size, shape.hidden, shape.ffn
+    dense = 1 if shape.dense_ffn > 0 else 0
+    meta = ModelMeta(hidden_size=H, moe_ffn_size=F, dense_ffn_size=max(shape.dense_ffn, 1),
+                     num_layers=shape.layers + dense, num_dense_layers=dense,
+                     num_experts=max(E, 2), top_k=min(2, max(E, 2)), has_final_norm=False)
+    placement = Placement.default(meta.num_experts, comm.size, meta.moe_layers)
+    rng = np.random.default_rng([seed, comm.rank])
+    shared = np.random.default_rng(seed)
+    layers = []
+    if dense:
+        Fd = shape.dense_ffn
+        layers.append(DenseLayer(0, np.ones(H, np.float32),
+                                 (shared.standard_normal((H, Fd)) / H**0.5).astype(np.float32),
+                                 (shared.standard_normal((Fd, H)) / Fd**0.5).astype(np.float32)))
+    for l in meta.moe_layers:
+        gate = (shared.standard_normal((H, meta.num_experts)) / H**0.5).astype(np.float32)
+        layer = MoeLayer(l, np.ones(H, np.float32), gate)
+        for e in placement.experts_on(l, comm.rank):
+            layer.experts[e] = ((rng.standard_normal((H, F)) / H**0.5).astype(np.float32),
+                                (rng.standard_normal((F, H)) / F**0.5).astype(np.float32))
+        layers.append(layer)
+    x = rng.standard_normal((shape.tokens, H)).astype(np.float32)
+    return Weights(meta, layers, None), placement, x
+
+
+def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
+            precision: str = "fp32") -> tuple[float, Telemetry, float]:
+    """One timed pass through ``run_batch``; returns (seconds, telemetry, pure exchange s)."""
+    meta = weights.meta
+    moe = len(meta.moe_layers)
+    tel = Telemetry(meta.num_layers, moe, comm.size, meta.num_experts)
+    bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
+    ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HostBackend())
+    exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
+                            blocking=not overlap) for _ in range(micro_batches)]
+    try:
+        comm.Barrier()
+        t = time.perf_counter()
+        run_batch(ctx, exchangers, x, 0, 0)
+        elapsed = time.perf_counter() - t
+        pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(moe))
+    finally:
+        for ex in exchangers:
+            ex.close()
+    return comm.allreduce(elapsed, op=MPI.MAX), tel, comm.allreduce(pure, op=MPI.MAX)
+
+
+def plain_gemm_flops(hidden: int, ffn: int, rows: int, repeats: int = 3) -> float:
+    """The plain numpy GEMM rate on the expert's shapes: ``(rows, H) @ (H, F)`` then ``@ (F, H)``."""
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((rows, hidden), dtype=np.float32)
+    w_in = rng.standard_normal((hidden, ffn), dtype=np.float32)
+    w_out = rng.standard_normal((ffn, hidden), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        (h @ w_in) @ w_out
+        best = min(best, time.perf_counter() - t)
+    return 4.0 * rows * hidden * ffn / best
+
+
+def bench_expert(comm, shape: Shape, echo) -> dict:
+    """Expert MLP FLOP/s inside a real (blocking) run vs a plain numpy GEMM of the same rows."""
+    weights, placement, x = synthetic(comm, shape)
+    forward(comm, weights, placement, x, 1, False)                    # warm-up
+    _, tel, _ = forward(comm, weights, placement, x, 1, False)
+    rows = int(tel.rows_computed.sum())
+    run_flops = 4.0 * rows * shape.hidden * shape.ffn / max(tel.seconds["expert"].sum(), 1e-12)
+    per_layer = max(1, rows // shape.layers)
+    plain = plain_gemm_flops(shape.hidden, shape.ffn, per_layer)
+    ratio = comm.allreduce(run_flops / plain, op=MPI.MIN)
+    result = {"run_gflops": run_flops / 1e9, "plain_gflops": plain / 1e9, "ratio": ratio}
+    echo(f"expert MLP ({shape.name}, H={shape.hidden} F={shape.ffn}, {per_layer} rows/layer): "
+         f"run {run_flops / 1e9:.1f} GFLOP/s vs plain numpy GEMM {plain / 1e9:.1f} GFLOP/s "
+         f"-> ratio {ratio:.2f} (min over ranks)")
+    return result
+
+
+def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: int = 5) -> dict:
+    """Dispatch + combine through the Exchanger vs a raw mpi4py Alltoallv of the same bytes."""
+    weights, placement, x = synthetic(comm, shape)
+    meta = weights.meta
+    layer = weights.layers[0]
+    from moempi.model.gating import gate_probs, route
+    topk_idx, _ = route(gate_probs(x, layer.gate), meta.top_k)
+    dest = assign_replicas(topk_idx, *placement.replica_table(layer.index, comm.rank), comm.rank)
+    ex = Exchanger(comm, meta.hidden_size, meta.num_experts, precision, blocking=True)
+    try:
+        plan = drive(ex.plan(topk_idx, dest, sorted(layer.experts)))
+        ours = raw = float("inf")
+        itemsize = WIRE_BYTES[precision]
+        row = meta.hidden_size * itemsize
+        send = np.zeros(plan.num_send * row, np.uint8)
+        recv = np.zeros(plan.num_recv * row, np.uint8)
+        sc, sd = plan.send_counts.astype(np.int64) * row, plan.send_displs.astype(np.int64) * row
+        rc, rd = plan.recv_counts.astype(np.int64) * row, plan.recv_displs.astype(np.int64) * row
+        for _ in range(repeats):
+            comm.Barrier()
+            t = time.perf_counter()
+            recv = drive(ex.dispatch(plan, x))
+            dispatch_s = time.perf_counter() - t
+            y = ex.output_buffer(plan)      # the experts' output (not timed: it is compute)
+            y = recv.copy() if y is None else np.copyto(y, recv) or y
+            comm.Barrier()
+            t = time.perf_counter()
+            drive(ex.combine(plan, y, len(x)))
+            ours = min(ours, dispatch_s + time.perf_counter() - t)
+            comm.Barrier()
+            t = time.perf_counter()
+            comm.Alltoallv([send, (sc, sd), MPI.BYTE], [recv, (rc, rd), MPI.BYTE])
+            comm.Alltoallv([recv, (rc, rd), MPI.BYTE], [send, (sc, sd), MPI.BYTE])
+            raw = min(raw, time.perf_counter() - t)
+    finally:
+        ex.close()
+    ours, raw = comm.allreduce(ours, op=MPI.MAX), comm.allreduce(raw, op=MPI.MAX)
+    nbytes = comm.allreduce(2 * plan.num_send * meta.hidden_size * itemsize)
+    result = {"ours_s": ours, "raw_s": raw, "ratio": raw / ours, "bytes": nbytes}
+    echo(f"exchange ({shape.name}, {precision}, {nbytes / 2**20:.1f} MiB both ways): dispatch+combine "
+         f"{nbytes / ours / 1e9:.2f} GB/s vs raw Alltoallv {nbytes / raw / 1e9:.2f} GB/s "
+         f"-> ratio {raw / ours:.2f}")
+    return result
+
+
+def bench_overlap(comm, shape: Shape, echo, micro_batches: int = 4) -> dict:
+    """Overlapped (``micro_batches`` in flight) vs blocking layer time, and the overlap %."""
+    weights, placement, x = synthetic(comm, shape)
+    forward(comm, weights, placement, x, 1, False)          # warm-up: first touch of buffers
+    forward(comm, weights, placement, x, micro_batches, True)
+    blocking, tel_b, pure = forward(comm, weights, placement, x, 1, False)
+    overlapped, tel_o, _ = forward(comm, weights, placement, x, micro_batches, True)
+    compute = comm.allreduce(tel_b.seconds["compute"].sum(), op=MPI.MAX)
+    pct = _min_overlap(comm, tel_o, pure)
+    L = shape.layers
+    result = {"blocking_layer_s": blocking / L, "overlapped_layer_s": overlapped / L,
+              "compute_layer_s": compute / L, "exchange_layer_s": pure / L,
+              "overlapped_vs_blocking": overlapped / blocking,
+              "overlapped_vs_ideal": overlapped / max(compute, pure), "overlap_pct": pct,
+              "micro_batches": micro_batches}
+    echo(f"overlap ({shape.name}, H={shape.hidden} F={shape.ffn}, {shape.tokens} tokens/rank, "
+         f"{micro_batches} micro-batches): per layer blocking {blocking / L * 1e3:.1f} ms, "
+         f"overlapped {overlapped / L * 1e3:.1f} ms, compute alone {compute / L * 1e3:.1f} ms, "
+         f"exchange alone {pure / L * 1e3:.1f} ms")
+    echo(f"  overlapped/blocking {result['overlapped_vs_blocking']:.2f}, overlapped/max(compute, "
+         f"exchange) {result['overlapped_vs_ideal']:.2f} (1.0 = perfect), overlap {pct:.0f} % "
+         f"(OSU, min over ranks)")
+    return result
+
+
+def comm_heavy_ffn(comm, hidden: int, tokens: int) -> int:
+    """The expert hidden size F at which one layer's compute takes about as long as its exchange."""
+    latency, bandwidth = probe_network(comm, hidden, 4)
+    exchange_s = 2 * (latency + 2 * tokens * hidden * 4 / bandwidth)
+    flops = comm.bcast(plain_gemm_flops(hidden, 256, 2 * tokens), root=0)
+    ffn = int(exchange_s * flops / (4 * 2 * tokens * hidden))
+    return int(max(16, min(2048, 16 * round(ffn / 16))))
+
+
+def calibrate(comm, echo, path: str | None) -> dict:
+    """GEMM rate and Alltoallv latency/bandwidth of this machine, for ``moempi plan --hardware``."""
+    flops = comm.allreduce(plain_gemm_flops(7168, 2048, 256), op=MPI.MIN)
+    latency, bandwidth = probe_network(comm, 7168, 2, rows=64)
+    machine = (f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
+               + f", {comm.size} ranks")
+    cal = Calibration.from_measurements(flops, {comm.size: (latency, bandwidth)}, machine)
+    echo(f"calibration: GEMM {flops / 1e9:.1f} GFLOP/s per rank, Alltoallv latency "
+         f"{latency * 1e6:.0f} us, bandwidth {bandwidth / 1e9:.2f} GB/s per rank")
+    if path and comm.rank == 0:
+        cal.save(path)
+        echo(f"wrote {path}")
+    return cal.to_dict()
+
+
+# -- GPU ------------------------------------------------------------------------------
+def _device_weights(backend, shape, scale, dtype):
+    """Random weights made on the device (host RNG for the stand-in), stored as ``dtype``."""
+    if backend.name == "cupy":
+        cp = backend.cp
+        with backend.running():
+            return (cp.random.standard_normal(shape, dtype=cp.float32) * scale).astype(dtype)
+    rng = np.random.default_rng(len(shape) + shape[0])
+    return backend.to_device(rng.standard_normal(shape).astype(np.float32) * scale, dtype)
+
+
+def _gpu_time(backend, fn, repeats: int = 5) -> float:
+    """Best wall time of ``fn`` with the GPU's queues drained before and after."""
+    best = float("inf")
+    for _ in range(repeats):
+        backend.synchronize()
+        t = time.perf_counter()
+        with backend.running():
+            fn()
+        backend.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gpu_weights(backend, meta: ModelMeta, experts_here) -> Weights:
+    """A full stack on one device: dense layers, gates, and ``experts_here`` experts per layer."""
+    import ml_dtypes
+    from moempi.model.stack import DenseLayer
+    H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
+    layers, bf16 = [], ml_dtypes.bfloat16
+    for l in range(meta.num_layers):
+        norm = backend.to_device(np.ones(H, np.float32))
+        if not meta.is_moe(l):
+            layers.append(DenseLayer(l, norm, _device_weights(backend, (H, Fd), H**-0.5, bf16),
+                                     _device_weights(backend, (Fd, H), Fd**-0.5, bf16)))
+            continue
+        layer = MoeLayer(l, norm, _device_weights(backend, (H, E), 2 * H**-0.5, np.float32))
+        for e in experts_here:
+            layer.experts[e] = (_device_weights(backend, (H, F), H**-0.5, bf16),
+                                _device_weights(backend, (F, H), F**-0.5, bf16))
+        layers.append(layer)
+    return Weights(meta, layers, None)
+
+
+def bench_gpu(comm, backend_name: str, echo, quick: bool = False) -> dict:
+    """The GPU table: expert MLP vs plain BF16 matmul, 61-layer forward on one GPU, overlap.
+
+    Rank 0 measures the single-GPU figures alone; then all ranks (sharing the GPU, or one
+    GPU each) run the overlapped and blocking forward for the overlap %.
+    """
+    from moempi.runtime.backend import make_backend
+    import ml_dtypes
+    backend = make_backend(backend_name, comm)
+    bf16 = ml_dtypes.bfloat16
+    H, F, Fd, rows = (256, 128, 384, 512) if quick else (7168, 2048, 18432, 8192)
+    result = {"device": backend.describe()}
+    if comm.rank == 0:
+        with backend.running():
+            hb = _device_weights(backend, (rows, H), 1.0, bf16)
+            w_in = _device_weights(backend, (H, F), H**-0.5, bf16)
+            w_out = _device_weights(backend, (F, H), F**-0.5, bf16)
+            a = hb @ w_in
+        # the expert MLP as the forward runs it (BF16 in and out, fused activation) against
+        # the two plain BF16 matmuls alone
+        ours = _gpu_time(backend, lambda: backend.mlp(hb, w_in, w_out, "silu"))
+        plain = _gpu_time(backend, lambda: (hb @ w_in, a @ w_out))
+        flop = 4.0 * rows * H * F
+        result.update(expert_tflops=flop / ours / 1e12, plain_tflops=flop / plain / 1e12,
+                      expert_ratio=plain / ours)
+        echo(f"| expert MLP (BF16, {rows} x {H} x {F}) | {flop / ours / 1e12:.1f} TFLOP/s | "
+             f"plain BF16 matmul {flop / plain / 1e12:.1f} TFLOP/s | ratio {plain / ours:.2f} |")
+        layers, dense = (6, 1) if quick else (61, 3)
+        meta = ModelMeta(hidden_size=H, moe_ffn_size=F, dense_ffn_size=Fd, num_layers=layers,
+                         num_dense_layers=dense, num_experts=8, has_final_norm=False)
+        weights = gpu_weights(backend, meta, range(8))
+        single = MPI.COMM_SELF
+        placement = Placement.default(8, 1, meta.moe_layers)
+        x = np.random.default_rng(0).standard_normal((rows, H)).astype(np.float32)
+        tel = Telemetry(layers, layers - dense, 1, 8)
+        ctx = Context(weights, placement, 0, 0, np.zeros((layers - dense, 8), np.float32), tel,
+                      Scheduler(tel), backend)
+        exchangers = [Exchanger(single, H, 8, "bf16", blocking=False, backend=backend)
+                      for _ in range(2)]
+        try:
+            run_batch(ctx, exchangers, x[:64], 0, 0)                     # warm-up
+            backend.synchronize()
+            t = time.perf_counter()
+            run_batch(ctx, exchangers, x, 0, 1)
+            backend.synchronize()
+            forward = time.perf_counter() - t
+        finally:
+            for ex in exchangers:
+                ex.close()
+        # the compute floor: the stack's GEMM FLOPs (top-k experts per token, dense MLPs,
+        # gates) at the plain BF16 matmul rate measured above
+        flop_token = 4.0 * H * (dense * Fd + (layers - dense) * meta.top_k * F) + \
+            2.0 * H * 8 * (layers - dense)
+        floor = rows * flop_token / (flop / plain)
+        result.update(forward_tokens_per_s=rows / forward, forward_floor_ratio=floor / forward)
+        echo(f"| {layers}-layer forward, one GPU (8 experts, bf16) | {rows / forward:,.0f} "
+             f"tokens/s | {forward * 1e3:.1f} ms for {rows} tokens | {floor / forward:.2f} of "
+             f"the compute floor ({floor * 1e3:.1f} ms) |")
+        del weights
+    comm.Barrier()
+    shape = Shape("gpu", H, F, rows // max(comm.size, 1) // (8 if not quick else 1), 4)
+    weights, placement, x = synthetic(comm, shape)
+    weights = Weights(weights.meta, [
+        MoeLayer(l.index, backend.to_device(l.norm), backend.to_device(l.gate),
+                 {e: (backend.to_device(a, bf16), backend.to_device(b, bf16))
+                  for e, (a, b) in l.experts.items()}) for l in weights.layers], None)
+    pct = _overlap_percent(comm, backend, weights, placement, x)
+    result["overlap_pct"] = pct
+    echo(f"| overlap, {comm.size} ranks on {backend.describe()} | {pct:.0f} % | OSU definition | |")
+    return result
+
+
+def _overlap_percent(comm, backend, weights, placement, x, micro_batches: int = 4) -> float:
+    """The overlapped pass's overlap % (min over ranks), after a blocking pass as warm-up."""
+    meta = weights.meta
+    for overlap in (False, True):
+        tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
+        ctx = Context(weights, placement, comm.rank, 0,
+                      np.zeros((meta.num_layers, meta.num_experts), np.float32), tel,
+                      Scheduler(tel), backend)
+        exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, "bf16",
+                                blocking=not overlap, backend=backend)
+                      for _ in range(micro_batches if overlap else 1)]
+        try:
+            comm.Barrier()
+            run_batch(ctx, exchangers, x, 0, 0)
+            backend.synchronize()
+            pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(meta.num_layers))
+        finally:
+            for ex in exchangers:
+                ex.close()
+    return _min_overlap(comm, tel, pure)
+
+
+def _min_overlap(comm, tel: Telemetry, pure_s: float) -> float:
+    """The OSU overlap % of a pass (:func:`runner.overlap_percent` over its layers' sums),
+    min over ranks."""
+    overall = tel.seconds["busy"].sum() + tel.seconds["wait"].sum()
+    pct = float(overlap_percent(overall, tel.seconds["compute"].sum(), pure_s))
+    return comm.allreduce(pct, op=MPI.MIN)
+
+
+# -- load balancing ---------------------------------------------------------------------
+def bench_balance(comm, echo, quick: bool = False, rate: float = 0.05) -> dict:
+    """MaxVio before/after bias balancing on a skewed gate, and what it does to the run time.
+
+    The gate is skewed on purpose: every token shares a direction that expert 0 (and, less,
+    expert 1) favours, so without balancing their ranks compute far more rows than the rest.
+    """
+    from moempi.io.config import BalanceSection
+    from moempi.model.balance import BiasBalancer, max_violation
+    H, F, tokens, batch = (256, 256, 1024, 64) if quick else (1024, 1024, 4096, 256)
+    shape = Shape("skewed", H, F, tokens, 4)
+    weights, placement, x = synthetic(comm, shape, seed=3)
+    for layer in weights.layers:
+        layer.gate[0, 0] += 1.0
+        layer.gate[0, 1] += 0.5
+    x[:, 0] += 4.0
+    meta = weights.meta
+    results = {}
+    for enabled in (False, True):
+        balancer = BiasBalancer(BalanceSection(enabled=enabled, rate=rate), meta.num_layers,
+                                meta.num_experts)
+        tel = Telemetry(meta.num_layers, meta.num_layers, comm.size, meta.num_experts)
+        ctx = Context(weights, placement, comm.rank, 0, balancer.bias, tel, Scheduler(tel),
+                      HostBackend())
+        exchangers = [Exchanger(comm, H, meta.num_experts, "fp32") for _ in range(2)]
+        vio = []
+        try:
+            comm.Barrier()
+            t = time.perf_counter()
+            for b, start in enumerate(range(0, tokens, batch)):
+                before = tel.tokens_per_expert.copy()
+                run_batch(ctx, exchangers, x[start:start + batch], start, b)
+                load = np.empty_like(before)
+                comm.Allreduce(tel.tokens_per_expert - before, load)
+                balancer.update(load)
+                vio.append(float(max_violation(load).mean()))
+            elapsed = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
+        finally:
+            for ex in exchangers:
+                ex.close()
+        results[enabled] = {"maxvio_first": vio[0], "maxvio_last": float(np.mean(vio[-2:])),
+                            "seconds": elapsed}
+    off, on = results[False], results[True]
+    echo(f"balance ({comm.size} ranks, {meta.num_experts} experts, skewed gate, "
+         f"{tokens // batch} batches, rate {rate}): MaxVio off {off['maxvio_first']:.2f} -> "
+         f"{off['maxvio_last']:.2f}, on {on['maxvio_first']:.2f} -> {on['maxvio_last']:.2f}; "
+         f"time on/off {on['seconds'] / off['seconds']:.2f} "
+         f"({on['seconds']:.2f} s vs {off['seconds']:.2f} s)")
+    return {"off": off, "on": on, "time_ratio": on["seconds"] / off["seconds"]}

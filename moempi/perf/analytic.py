@@ -1,0 +1,606 @@
+"""Analytic time model of the moempi forward pass: compute, exchange, micro-batch overlap."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moempi.errors import MoempiError
+from moempi.io.readers import read_json
+from moempi.io.topology import Topology
+from moempi.model.shapes import ModelMeta
+from moempi.perf.memory import experts_per_gpu, memory_per_gpu, smallest_fitting_tp
+
+# FLOPs of one (token, expert) pair in the expert MLP act(h @ Win) @ Wout: two GEMMs of
+# H x F, 2 FLOPs per multiply-add (Kaplan et al. 2020, "Scaling Laws", C_forward = 2N).
+def expert_flops_per_pair(meta: ModelMeta) -> int:
+    """FLOPs of one (token, expert) pair: ``2 * 2 * H * F`` (DeepSeek-V3: 58.7 MFLOP)."""
+    return 2 * 2 * meta.hidden_size * meta.moe_ffn_size
+
+
+EXCHANGE_PHASES = 3     # per micro-batch per MoE layer: counts exchange, dispatch, combine
+WIRE_BYTES = {"bf16": 2, "fp32": 4}   # docs/design.md §1: BF16 on the wire (production), fp32 (exact)
+
+# Bytes per weight element as the GEMM reads it: the numpy backend keeps weights in float32.
+# Used only with a measured ``weight_Bps`` (each expert GEMM call streams its two matrices).
+COMPUTE_WEIGHT_BYTES = 4
+
+CALIBRATION_FORMAT = "moempi-calibration"
+# one calibration process's figures at one rank count (Calibration.samples)
+SAMPLE_FIELDS = ("latency_s", "bandwidth_Bps", "gemm_flops", "weight_Bps", "token_elem_s",
+                 "micro_batch_s", "first_touch_s", "dense_elem_s", "dense_touch_s",
+                 "first_touch_head")
+CPU_FIELDS = SAMPLE_FIELDS[2:]     # a Calibration.cpu row after its rank count
+CALIBRATION_VERSION = 1
+
+
+# -- hardware -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hardware:
+    """The figures the time model uses, from a topology's datasheet or a calibration file."""
+
+    gemm_flops: float          # achieved expert-GEMM FLOP/s of one GPU (peak x MFU, or measured)
+    latency_s: float           # one exchange phase's latency, s (seed: 100 us per transfer)
+    intra_Bps: float           # achievable B/s of one GPU's intra-node port, each direction
+    inter_Bps: float           # achievable B/s of one inter-node link, each direction
+    link: str                  # "fat-tree" | "direct" | "measured" (one per-rank Alltoallv figure)
+    gpus_per_node: int
+    memory_bytes: float        # memory per GPU, B
+    source: str = "seed"       # where the figures come from
+    # CPU-scale terms, measured by calibration; 0 = not modelled (the datasheet/seed case,
+    # where they are negligible next to a GPU layer's milliseconds):
+    weight_Bps: float = 0.0    # B/s at which one GEMM call streams (packs) its weights: a fixed
+                               # 2*H*F*4 B / weight_Bps per call, what makes small GEMMs slow
+    token_elem_s: float = 0.0  # s per token per hidden element of a MoE layer's non-GEMM work:
+                               # norm, softmax/top-k, gather + encode/decode, un-permute, combine
+    micro_batch_s: float = 0.0  # s per micro-batch per MoE layer: routing plan, Python, scheduler
+    first_touch_s: float = 0.0  # s per (token, expert) pair element a run's first forward pass
+                                # adds, once: a fresh process pages its working set in
+                                # (moempi.runtime.heap; shared over the MoE layers, touch_shares)
+    first_touch_head: float = 0.0  # share of that first touch in the first MoE layer, the rest
+                                   # even over the others; 0 = all even (see touch_shares)
+    dense_elem_s: float = 0.0  # s per token per (H + Fd) element of a dense layer's non-GEMM
+                               # work: rmsnorm and residual add over [T, H], activation over
+                               # [T, Fd] (see dense_layer_time)
+    dense_touch_s: float = 0.0  # s per token per (H + Fd) element the first dense layer of a
+                                # fresh process's first pass adds: its temporaries paged in
+
+    @classmethod
+    def from_topology(cls, topo: Topology, source: str = "topology") -> "Hardware":
+        """Datasheet figures derated: rate = peak x MFU (nanoGPT estimate_mfu; PaLM App. B),
+        bandwidth = link x utilisation."""
+        return cls(gemm_flops=topo.peak_tflops * 1e12 * topo.mfu,
+                   latency_s=topo.latency_us * 1e-6,
+                   intra_Bps=topo.intra_node_bandwidth_gbs * 1e9 * topo.utilisation,
+                   inter_Bps=topo.inter_node_bandwidth_gbs * 1e9 * topo.utilisation,
+                   link=topo.link, gpus_per_node=topo.gpus_per_node,
+                   memory_bytes=topo.gpu_memory_gb * 1e9, source=source)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Figures measured by ``moempi bench`` on one machine, saved as JSON.
+
+    ``alltoall`` holds ``(num_ranks, latency_s, bandwidth_Bps)`` rows sorted by rank count:
+    the latency of an (almost) empty Alltoallv and the per-rank bandwidth of a large one.
+    ``cpu`` (optional, from ``perf_validate.calibrate``) holds ``(num_ranks, gemm_flops,
+    weight_Bps, token_elem_s, micro_batch_s, first_touch_s, dense_elem_s, dense_touch_s,
+    first_touch_head)``
+    rows (:data:`CPU_FIELDS`) measured with all ranks computing at once
+    (so more ranks than cores shows up as a lower rate); where present it replaces
+    ``gemm_flops`` and adds the small-scale terms of :class:`Hardware`.
+    ``samples`` holds ``(num_ranks, ((latency_s, bandwidth_Bps, gemm_flops, ...), ...))``
+    (:data:`SAMPLE_FIELDS`): one row per calibration process
+    at that rank count; where there are several, the ``alltoall`` and ``cpu`` rows are
+    their per-figure medians (:data:`SAMPLE_FIELDS`; one process alone can be disturbed, and
+    its single cold pass is a noisy sample of ``first_touch_s``).
+    """
+
+    machine: str
+    gemm_flops: float                              # achieved GEMM FLOP/s of one rank
+    gemm_dtype: str
+    alltoall: tuple[tuple[int, float, float], ...]
+    cpu: tuple[tuple[float, ...], ...] = ()       # (num_ranks, *CPU_FIELDS) rows
+    samples: tuple[tuple[int, tuple[tuple[float, ...], ...]], ...] = ()
+
+    @classmethod
+    def from_measurements(cls, gemm_flops: float, alltoall: dict[int, tuple[float, float]],
+                          machine: str, gemm_dtype: str = "float32",
+                          cpu: dict[int, tuple] | None = None,
+                          samples: dict[int, list] | None = None,
+                          source: str = "calibration") -> "Calibration":
+        """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``; ``cpu``
+        a rank count to ``(gemm_flops, weight_Bps, token_elem_s, micro_batch_s[,
+        first_touch_s, dense_elem_s, dense_touch_s, first_touch_head])`` (0 those left out);
+        ``samples`` a rank count to its
+        calibration processes' rows of :data:`SAMPLE_FIELDS` (kept as given); ``source``
+        names the file in errors."""
+        rows = tuple(sorted((int(n), float(lat), float(bw)) for n, (lat, bw) in alltoall.items()))
+        cpu_rows = tuple(sorted((int(n), *_padded(v, len(CPU_FIELDS)))
+                                for n, v in (cpu or {}).items()))
+        sample_rows = tuple(sorted((int(n), tuple(_padded(r, len(SAMPLE_FIELDS)) for r in v))
+                                   for n, v in (samples or {}).items() if len(v)))
+        return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows,
+                   sample_rows).validate(source)
+
+    def validate(self, source: str = "calibration") -> "Calibration":
+        if not self.gemm_flops > 0:
+            raise MoempiError(f"{source}: gemm_flops must be > 0")
+        if not self.alltoall:
+            raise MoempiError(f"{source}: alltoall needs at least one rank count")
+        for n, lat, bw in self.alltoall:
+            if n < 1 or lat < 0 or not bw > 0:
+                raise MoempiError(f"{source}: alltoall[{n}] needs ranks >= 1, latency_s >= 0, "
+                                  f"bandwidth_Bps > 0")
+        for n, flops, *rest in self.cpu:
+            if n < 1 or not flops > 0 or min(rest) < 0:
+                raise MoempiError(f"{source}: cpu[{n}] needs ranks >= 1, gemm_flops > 0, "
+                                  f"{', '.join(CPU_FIELDS[1:])} >= 0")
+        for n, rows in self.samples:
+            if any(len(r) != len(SAMPLE_FIELDS) or min(r) < 0 for r in rows):
+                raise MoempiError(f"{source}: samples[{n}] needs rows of "
+                                  f"{', '.join(SAMPLE_FIELDS)} >= 0")
+        return self
+
+    def alltoall_at(self, num_ranks: int) -> tuple[float, float]:
+        """(latency_s, bandwidth_Bps) at ``num_ranks``: measured, else linear in log2(ranks)
+        between the neighbouring measurements, clamped to the measured range."""
+        return _interp_rows(self.alltoall, num_ranks)
+
+    def cpu_at(self, num_ranks: int) -> tuple[float, ...]:
+        """The :data:`CPU_FIELDS` (gemm_flops, weight_Bps, token_elem_s, ...) at
+        ``num_ranks``, interpolated like :meth:`alltoall_at`; without ``cpu`` rows:
+        ``(gemm_flops, 0, ...)``."""
+        if not self.cpu:
+            return (self.gemm_flops,) + (0.0,) * (len(CPU_FIELDS) - 1)
+        return _interp_rows(self.cpu, num_ranks)
+
+    def hardware(self, num_ranks: int, topo: Topology) -> Hardware:
+        """Measured figures at ``num_ranks``; GPUs per node and memory from ``topo``."""
+        latency, bandwidth = self.alltoall_at(num_ranks)
+        return Hardware(latency_s=latency, intra_Bps=bandwidth,
+                        inter_Bps=bandwidth, link="measured", gpus_per_node=topo.gpus_per_node,
+                        memory_bytes=topo.gpu_memory_gb * 1e9, source=f"calibration: {self.machine}",
+                        **dict(zip(CPU_FIELDS, self.cpu_at(num_ranks))))
+
+    def to_dict(self) -> dict:
+        return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
+                "machine": self.machine, "gemm_flops": self.gemm_flops,
+                "gemm_dtype": self.gemm_dtype,
+                "alltoall": {str(n): {"latency_s": lat, "bandwidth_Bps": bw}
+                             for n, lat, bw in self.alltoall},
+                **({"cpu": {str(n): dict(zip(CPU_FIELDS, rest)) for n, *rest in self.cpu}}
+                   if self.cpu else {}),
+                **({"samples": {str(n): [dict(zip(SAMPLE_FIELDS, r)) for r in rows]
+                                for n, rows in self.samples}}
+                   if self.samples else {})}
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        data = read_json(path, "calibration")
+        if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+            raise MoempiError(f"{path}: not a moempi calibration (format must be "
+                              f"{CALIBRATION_FORMAT!r})")
+        if data.get("version") != CALIBRATION_VERSION:
+            raise MoempiError(f"{path}: unsupported calibration version {data.get('version')!r}")
+        try:
+            alltoall = {int(n): (float(v["latency_s"]), float(v["bandwidth_Bps"]))
+                        for n, v in data["alltoall"].items()}
+            # figures added later (first_touch_s, dense_*) are 0 in older files
+            cpu = {int(n): (float(v["gemm_flops"]), float(v["weight_Bps"]),
+                            float(v["token_elem_s"]), float(v["micro_batch_s"]),
+                            *(float(v.get(k, 0.0)) for k in CPU_FIELDS[4:]))
+                   for n, v in data.get("cpu", {}).items()}
+            samples = {int(n): [tuple(float(r.get(k, 0.0)) for k in SAMPLE_FIELDS) for r in v]
+                       for n, v in data.get("samples", {}).items()}
+            return cls.from_measurements(float(data["gemm_flops"]), alltoall,
+                                         str(data.get("machine", "")),
+                                         str(data.get("gemm_dtype", "float32")),
+                                         cpu, samples, source=path)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise MoempiError(f"{path}: needs gemm_flops and alltoall "
+                              "{ranks: {latency_s, bandwidth_Bps}}") from None
+
+
+def _padded(row, width: int) -> tuple[float, ...]:
+    """``row`` as ``width`` floats: cut, or padded with 0 (figures an older file lacks)."""
+    return tuple(map(float, (tuple(row) + (0.0,) * width)[:width]))
+
+
+def _interp_rows(rows, num_ranks: int) -> tuple[float, ...]:
+    """Columns 1.. of ``(num_ranks, ...)`` ``rows`` at ``num_ranks``: linear in log2(ranks)
+    between the neighbouring rows, clamped to the rows' range."""
+    x = math.log2(max(num_ranks, 1))
+    ranks = np.log2([r[0] for r in rows])
+    return tuple(float(np.interp(x, ranks, [r[i] for r in rows])) for i in range(1, len(rows[0])))
+
+
+# -- traffic ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Traffic:
+    """One MoE layer's loads at the plan's batch, in (token, expert) pairs.
+
+    Built from a slot-to-slot pair matrix (``ep`` expert-parallel slots of ``tp`` GPUs each,
+    ``gpus_per_node // tp`` slots per node, node-major); "per GPU" divides a slot by ``tp``.
+    """
+
+    compute_pairs: float       # max over GPUs of pairs computed, in full-expert equivalents
+    mean_compute_pairs: float  # the same, mean over GPUs (skew = max / mean)
+    intra_pairs: float         # max over GPU ports: same-node, other-slot pairs, max(sent, recv)
+    inter_pairs: float         # max over inter-node links (fat-tree: node uplink; direct: pair)
+    offrank_pairs: float       # max over GPUs: pairs sent to / received from other slots
+    tp_pairs: float            # per GPU: pairs all-gathered inside its TP group (intra-node)
+
+    @property
+    def skew(self) -> float:
+        return self.compute_pairs / self.mean_compute_pairs if self.mean_compute_pairs else 1.0
+
+
+def traffic_from_pairs(pairs: np.ndarray, tp: int, gpus_per_node: int, link: str) -> Traffic:
+    """Loads of a pair matrix ``pairs`` `[ep, ep]` float (row: sending slot, column: computing slot).
+
+    Fat-tree: each node has one uplink to the switch, so a link carries the node's whole
+    off-node traffic (out or in, whichever is larger).  Direct: one link per node pair
+    carries only that pair's traffic, both ways.
+    """
+    ep = pairs.shape[0]
+    spn = max(gpus_per_node // tp, 1)                   # slots per node
+    node = np.arange(ep) // spn
+    same = node[:, None] == node[None, :]
+    off = pairs * ~np.eye(ep, dtype=bool)
+    intra = np.where(same, off, 0.0)
+    recv = pairs.sum(axis=0)                            # [ep] pairs computed per slot
+    n_nodes = int(node[-1]) + 1
+    if n_nodes > 1:
+        onehot = (node[:, None] == np.arange(n_nodes)[None, :]).astype(float)   # [ep, nodes]
+        by_node = onehot.T @ pairs @ onehot                # [nodes, nodes] pairs node -> node
+        np.fill_diagonal(by_node, 0.0)
+        if link == "direct":
+            inter = float(np.maximum(by_node, by_node.T).max())
+        else:
+            inter = float(max(by_node.sum(axis=1).max(), by_node.sum(axis=0).max()))
+    else:
+        inter = 0.0
+    return Traffic(
+        compute_pairs=float(recv.max()) / tp, mean_compute_pairs=float(recv.mean()) / tp,
+        intra_pairs=float(max(intra.sum(axis=1).max(), intra.sum(axis=0).max())) / tp,
+        inter_pairs=inter,
+        offrank_pairs=float(max(off.sum(axis=1).max(), off.sum(axis=0).max())) / tp,
+        tp_pairs=(tp - 1) * float(recv.max()) / tp)
+
+
+def uniform_pairs(ep: int, tp: int, tokens_per_gpu: int, top_k: int) -> np.ndarray:
+    """Uniform routing: each slot's ``tp * T * K`` pairs spread evenly over the ``ep`` slots."""
+    return np.full((ep, ep), tp * tokens_per_gpu * top_k / ep)
+
+
+def trace_pairs(home_slot: np.ndarray, dest_slot: np.ndarray, ep: int, scale: float) -> np.ndarray:
+    """Pair matrix `[ep, ep]` of a routing trace: ``home_slot`` `[N]`, ``dest_slot`` `[N, K]`
+    (-1 = dropped), counts multiplied by ``scale`` (plan tokens per trace token)."""
+    src = np.broadcast_to(home_slot[:, None], dest_slot.shape)
+    live = dest_slot >= 0
+    flat = src[live].astype(np.int64) * ep + dest_slot[live]
+    return np.bincount(flat, minlength=ep * ep).reshape(ep, ep) * scale
+
+
+# -- time ---------------------------------------------------------------------------------
+def pipeline_time(compute_s: float, exchange_s: float, latency_s: float, m: int,
+                  phases: int = EXCHANGE_PHASES, overhead_s: float = 0.0) -> float:
+    """Time of one MoE layer cut into ``m`` micro-batches, s.
+
+    Each micro-batch computes ``c = compute_s / m`` and moves ``x = phases * latency_s +
+    exchange_s / m`` on the network (counts, dispatch and combine: ``exchange_s`` is the
+    bandwidth time of dispatch + combine of the whole batch).  A two-resource pipeline
+    (network, GPU) pays the first dispatch and the last compute and combine in full and then
+    one bottleneck stage per further micro-batch (fill + steady state, the GPipe bubble
+    argument, Huang et al. 2019): ``T(m) = c + x + (m - 1) * max(c, x)``.  ``m = 1`` is the
+    blocking layer ``compute + exchange + phases * latency``; latency grows ``m``-fold, so
+    with latency there is a best ``m``, without it more is never worse.  ``overhead_s``: a
+    fixed cost each micro-batch pays per layer on the host that nothing hides (launching
+    its steps; on a busy CPU, the exchange step's own code), ``+ m * overhead_s``.
+    """
+    c = compute_s / m
+    x = phases * latency_s + exchange_s / m
+    return c + x + (m - 1) * max(c, x) + m * overhead_s
+
+
+def best_micro_batches(compute_s: float, exchange_s: float, latency_s: float,
+                       max_micro_batches: int = 16, overhead_s: float = 0.0) -> int:
+    """The ``m`` in 1..max minimising :func:`pipeline_time` (the smallest on ties)."""
+    times = [pipeline_time(compute_s, exchange_s, latency_s, m, overhead_s=overhead_s)
+             for m in range(1, max(1, max_micro_batches) + 1)]
+    return 1 + int(np.argmin(np.round(times, 15)))
+
+
+def choose_micro_batches(tokens_per_rank: int, meta: ModelMeta, num_ranks: int, gemm_flops: float,
+                         latency_s: float, bandwidth_Bps: float, wire_bytes: int,
+                         max_micro_batches: int = 16, overhead_s: float = 0.0) -> int:
+    """Micro-batch count for the runner's overlap pipeline, uniform routing assumed.
+
+    ``tokens_per_rank`` tokens, ``gemm_flops`` achieved expert-GEMM FLOP/s of one rank,
+    ``latency_s`` per exchange phase, ``bandwidth_Bps`` per rank each direction,
+    ``wire_bytes`` per element (2 BF16, 4 fp32).  Compute ``T*K*4*H*F / gemm_flops``; exchange
+    ``2 * T*K*H*wire * (P-1)/P / bandwidth`` (dispatch + combine, the ``1/P`` kept locally);
+    the count minimises :func:`pipeline_time` (with ``overhead_s`` per micro-batch and
+    layer), capped by ``tokens_per_rank``.
+    """
+    if tokens_per_rank < 1 or num_ranks < 1 or not gemm_flops > 0 or not bandwidth_Bps > 0:
+        raise MoempiError("choose_micro_batches: tokens, ranks, GEMM rate and bandwidth must be > 0")
+    pairs = tokens_per_rank * meta.top_k
+    compute = pairs * expert_flops_per_pair(meta) / gemm_flops
+    exchange = 2 * pairs * meta.hidden_size * wire_bytes * (num_ranks - 1) / num_ranks / bandwidth_Bps
+    return best_micro_batches(compute, exchange, latency_s, min(max_micro_batches, tokens_per_rank),
+                              overhead_s)
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Predicted times of one layer on the slowest GPU, s."""
+
+    layer: int
+    kind: str                  # "dense" | "moe"
+    compute_s: float           # dense MLP, or expert GEMMs (skewed) + gate
+    dispatch_intra_s: float    # bandwidth time on the busiest intra-node port (incl. TP gather)
+    dispatch_inter_s: float    # bandwidth time on the busiest inter-node link
+    dispatch_s: float          # max of the two: the bottleneck link
+    combine_s: float           # the same traffic back (docs/design.md §3)
+    latency_s: float           # phases x m x latency
+    micro_batches: int
+    blocking_s: float          # compute + dispatch + combine + phases x latency (m = 1)
+    overlapped_s: float        # pipeline_time with ``micro_batches``
+    skew: float = 1.0          # max / mean expert pairs per GPU
+
+    @property
+    def latency_share(self) -> float:
+        """Fraction of the exchange that is latency."""
+        total = self.latency_s + self.dispatch_s + self.combine_s
+        return self.latency_s / total if total else 0.0
+
+    @property
+    def exposed_s(self) -> float:
+        """Layer time not covered by compute: the exchange left visible (fill, drain, excess)."""
+        return self.overlapped_s - self.compute_s
+
+    @property
+    def hidden(self) -> bool:
+        """True when the exchange can hide behind compute: with the least overlap (m = 2) each
+        micro-batch's exchange, ``phases * latency + (dispatch + combine) / 2``, fits in its
+        compute ``compute / 2``; i.e. ``dispatch + combine + 2 * phases * latency <= compute``."""
+        per_phase = self.latency_s / self.micro_batches          # phases x one latency
+        return (self.kind == "moe"
+                and self.dispatch_s + self.combine_s + 2 * per_phase <= self.compute_s)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "latency_share": self.latency_share, "exposed_s": self.exposed_s,
+                "hidden": self.hidden}
+
+
+def weight_stream_s(hw: Hardware, hidden: int, ffn: int, calls: int) -> float:
+    """Fixed cost of ``calls`` MLP GEMM pairs: each streams ``2*H*F`` weights (0 if unmeasured)."""
+    if not hw.weight_Bps:
+        return 0.0
+    return calls * 2 * hidden * ffn * COMPUTE_WEIGHT_BYTES / hw.weight_Bps
+
+
+def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: int,
+                     micro_batches: int = 1) -> LayerTimes:
+    """A dense layer: the MLP's ``2 * 2*H*Fd`` FLOPs per token at the GEMM rate, one weight
+    stream per micro-batch (the runner runs the dense MLP per micro-batch); no exchange.
+
+    With calibrated CPU terms (0 for datasheet hardware, where a GPU fuses these passes and
+    they are noise next to the GEMMs) add the layer's elementwise work, memory-bound, so
+    linear in the elements it streams: ``T * (H + Fd) * dense_elem_s`` (rmsnorm's square,
+    scale and weight passes and the residual add over ``[T, H]``, the activation over
+    ``[T, Fd]``; ``experts.rmsnorm``, ``experts.mlp``, one constant for both widths), and in
+    the first layer of a fresh process's first pass (layer 0, before any heap reuse,
+    :mod:`moempi.runtime.heap`) ``T * (H + Fd) * dense_touch_s`` for paging those temporaries in.
+    Both are fitted on the calibration's dense layer (H 768, Fd 384).
+    """
+    elems = tokens_per_gpu * (meta.hidden_size + meta.dense_ffn_size)
+    t = (tokens_per_gpu * 4 * meta.hidden_size * meta.dense_ffn_size / hw.gemm_flops
+         + weight_stream_s(hw, meta.hidden_size, meta.dense_ffn_size, micro_batches)
+         + elems * hw.dense_elem_s
+         + (elems * hw.dense_touch_s if layer == 0 else 0.0))
+    return LayerTimes(layer, "dense", t, 0.0, 0.0, 0.0, 0.0, 0.0, 1, t, t)
+
+
+def moe_exchange(meta: ModelMeta, hw: Hardware, traffic: Traffic, wire_bytes: int) -> tuple:
+    """(intra_s, inter_s) bandwidth time of one dispatch: pairs x H x wire bytes over the link.
+
+    Measured hardware has one per-rank Alltoallv bandwidth: the busiest rank's off-rank pairs
+    (plus its TP gather) over it, reported as intra, with no separate inter-node figure.
+    """
+    row = meta.hidden_size * wire_bytes                 # bytes of one token's hidden on the wire
+    if hw.link == "measured":
+        return (traffic.offrank_pairs + traffic.tp_pairs) * row / hw.intra_Bps, 0.0
+    return ((traffic.intra_pairs + traffic.tp_pairs) * row / hw.intra_Bps,
+            traffic.inter_pairs * row / hw.inter_Bps)
+
+
+def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
+                micro_batches: int = 1, experts_per_gpu: int = 1,
+                touch_share: float = 0.0) -> float:
+    """Expert GEMMs of the busiest GPU plus its gate ``h @ gate`` (2*H*E FLOPs per token), s.
+
+    With calibrated CPU terms (all 0 for datasheet hardware) add: one weight stream per
+    (micro-batch, local expert) GEMM call, ``T * H * token_elem_s`` of per-token non-GEMM
+    work, ``m * micro_batch_s`` fixed work per micro-batch and ``touch_share`` of the run's
+    first touch ``T * K * H * first_touch_s``: a fresh process faults its working set in
+    during its first pass (measured: 4 700 to 9 000 faults of about 2 us each at the
+    validation shapes); the faults follow the heap's growth over the first layers, so
+    :func:`forward_time` gives each MoE layer its :func:`touch_shares` share.
+    """
+    flops = (traffic.compute_pairs * expert_flops_per_pair(meta)
+             + tokens_per_gpu * 2 * meta.hidden_size * meta.num_experts)
+    return (flops / hw.gemm_flops
+            + weight_stream_s(hw, meta.hidden_size, meta.moe_ffn_size,
+                              micro_batches * experts_per_gpu)
+            + tokens_per_gpu * meta.hidden_size * hw.token_elem_s
+            + micro_batches * hw.micro_batch_s
+            + touch_share * tokens_per_gpu * meta.top_k * meta.hidden_size * hw.first_touch_s)
+
+
+def touch_shares(moe_layers: int, head: float = 0.0) -> list[float]:
+    """How a fresh process's first touch falls on its first pass's ``moe_layers`` MoE layers
+    (they sum to 1): ``head`` in the first, ``(1 - head) / (L - 1)`` in each other; ``head``
+    0 (not measured, or datasheet hardware) spreads it evenly.  The faults follow the heap's
+    growth to its peak, which the first layers reach: the calibration's cold pass (4 MoE
+    layers) put 44-82 % of its MoE excess in the first, most of the rest in the second
+    (:func:`perf_validate.fit_runner` fits ``head``); beyond the calibration's depth the
+    even rest is an approximation (it is really in the second layer)."""
+    if moe_layers < 1:
+        return []
+    if head <= 0 or moe_layers == 1:
+        return [1.0 / moe_layers] * moe_layers
+    return [head] + [(1.0 - head) / (moe_layers - 1)] * (moe_layers - 1)
+
+
+def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
+               micro_batches: int, wire_bytes: int, layer: int,
+               experts_per_gpu: int = 1, touch_share: float = 0.0) -> LayerTimes:
+    """Predicted times of MoE layer ``layer`` cut into ``micro_batches``.
+
+    ``blocking_s`` is the m = 1 layer.  The CPU terms of :func:`moe_compute` depend on m, so
+    ``compute_s`` is at ``micro_batches`` and ``blocking_s`` recomputes it at m = 1."""
+    compute = moe_compute(meta, hw, traffic, tokens_per_gpu, micro_batches, experts_per_gpu,
+                          touch_share)
+    compute1 = moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, touch_share)
+    intra, inter = moe_exchange(meta, hw, traffic, wire_bytes)
+    dispatch = max(intra, inter)                        # links run concurrently: the slower one
+    m = micro_batches
+    return LayerTimes(layer, "moe", compute, intra, inter, dispatch, dispatch,
+                      EXCHANGE_PHASES * m * hw.latency_s, m,
+                      pipeline_time(compute1, 2 * dispatch, hw.latency_s, 1),
+                      pipeline_time(compute, 2 * dispatch, hw.latency_s, m), traffic.skew)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout of a plan: ``ep * tp * dp`` GPUs."""
+
+    ep: int = 256              # expert-parallel slots (one expert per slot at ep = E)
+    tp: int = 1                # GPUs splitting one slot's experts (expert tensor parallelism)
+    dp: int = 1                # replicas of the whole EP x TP group (no forward communication)
+    tokens_per_gpu: int = 4096
+    micro_batches: int = 0     # 0 = choose the best (auto)
+    precision: str = "bf16"    # "bf16" production | "fp32" exact
+
+    @property
+    def num_gpus(self) -> int:
+        return self.ep * self.tp * self.dp
+
+    @property
+    def wire_bytes(self) -> int:
+        return WIRE_BYTES[self.precision]
+
+    def validate(self, gpus_per_node: int) -> "Layout":
+        for name in ("ep", "tp", "dp", "tokens_per_gpu"):
+            if getattr(self, name) < 1:
+                raise MoempiError(f"plan: {name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batches < 0 or self.micro_batches > self.tokens_per_gpu:
+            raise MoempiError(f"plan: micro-batches must be in 1..tokens per GPU "
+                              f"({self.tokens_per_gpu}) or auto, got {self.micro_batches}")
+        if self.precision not in WIRE_BYTES:
+            raise MoempiError(f"plan: precision must be one of {', '.join(WIRE_BYTES)}")
+        if self.tp > gpus_per_node or gpus_per_node % self.tp:
+            raise MoempiError(f"plan: tp ({self.tp}) must divide the GPUs per node "
+                              f"({gpus_per_node}): a TP group stays inside one node")
+        return self
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A whole forward pass: per-layer times, throughput, memory."""
+
+    layout: Layout
+    hardware: Hardware
+    layers: tuple[LayerTimes, ...]
+    memory: dict                 # bytes by component (memory.memory_per_gpu), "total" included
+    fits: bool
+    fitting_tp: int | None       # smallest TP that fits (None: none does)
+    nodes: int                   # nodes of one EP x TP group
+    max_micro_batches: int = 16
+
+    @property
+    def forward_s(self) -> float:
+        return sum(l.overlapped_s for l in self.layers)
+
+    @property
+    def blocking_forward_s(self) -> float:
+        return sum(l.blocking_s for l in self.layers)
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.layout.tokens_per_gpu / self.forward_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_s_per_gpu * self.layout.num_gpus
+
+    @property
+    def moe_layers(self) -> tuple[LayerTimes, ...]:
+        return tuple(l for l in self.layers if l.kind == "moe")
+
+    def to_dict(self) -> dict:
+        return {"layout": asdict(self.layout), "hardware": asdict(self.hardware),
+                "num_gpus": self.layout.num_gpus, "nodes_per_ep_group": self.nodes,
+                "forward_s": self.forward_s, "blocking_forward_s": self.blocking_forward_s,
+                "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+                "tokens_per_s": self.tokens_per_s,
+                "micro_batches": self.moe_layers[0].micro_batches if self.moe_layers else 1,
+                "memory_bytes": dict(self.memory), "memory_capacity_bytes": self.hardware.memory_bytes,
+                "fits": self.fits, "smallest_fitting_tp": self.fitting_tp,
+                "layers": [l.to_dict() for l in self.layers]}
+
+
+def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
+                 traffic: dict[int, Traffic] | None = None,
+                 max_micro_batches: int = 16) -> Forecast:
+    """Predict the whole forward pass: ``num_dense_layers`` dense layers then the MoE layers.
+
+    ``traffic`` maps a MoE layer to its :class:`Traffic` (from a routing trace); layers it
+    lacks assume uniform routing.  ``layout.micro_batches == 0`` picks the one count that
+    minimises the sum of the MoE layers' :func:`pipeline_time`.  Layers are timed one after
+    another (a micro-batch's early start on the next layer is not credited: conservative).
+    """
+    layout.validate(hw.gpus_per_node)
+    T = layout.tokens_per_gpu
+    uniform = traffic_from_pairs(uniform_pairs(layout.ep, layout.tp, T, meta.top_k),
+                                 layout.tp, hw.gpus_per_node, hw.link)
+    per_layer = {l: (traffic or {}).get(l, uniform) for l in meta.moe_layers}
+    epg = experts_per_gpu(meta.num_experts, layout.ep)
+    shares = touch_shares(len(per_layer), hw.first_touch_head)   # of the first touch
+    m = layout.micro_batches
+    if m == 0:
+        cap = min(max_micro_batches, T)
+        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, s).overlapped_s
+                    for (l, t), s in zip(per_layer.items(), shares)) for k in range(1, cap + 1)]
+        m = 1 + int(np.argmin(np.round(sums, 15)))
+    layers = [dense_layer_time(meta, hw, T, l, m) for l in range(meta.num_dense_layers)]
+    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, s)
+               for (l, t), s in zip(per_layer.items(), shares)]
+    skew = max((t.skew for t in per_layer.values()), default=1.0)
+    weight_bytes = 4 if layout.precision == "fp32" else meta.weight_bytes
+    mem = memory_per_gpu(meta, layout.ep, layout.tp, T, m, layout.wire_bytes, weight_bytes, skew)
+    fits = mem["total"] <= hw.memory_bytes
+    fitting = layout.tp if fits else smallest_fitting_tp(
+        meta, layout.ep, T, m, hw.memory_bytes, layout.wire_bytes, weight_bytes, skew,
+        max_tp=hw.gpus_per_node)
+    spn = max(hw.gpus_per_node // layout.tp, 1)
+    return Forecast(layout, hw, tuple(layers), mem, fits, fitting, math.ceil(layout.ep / spn),
+                    max_micro_batches)
+
+
+__all__ = ["Calibration", "Forecast", "Hardware", "LayerTimes", "Layout", "Traffic",
+           "best_micro_batches", "choose_micro_batches", "dense_layer_time",
+           "forward_time", "layer_time", "memory_per_gpu", "pipeline_time", "smallest_fitting_tp",
+           "touch_shares",
+           "trace_pairs", "traffic_from_pairs", "uniform_pairs"]

@@ -1,0 +1,135 @@
+"""Memory per GPU of a moempi layout (weights, activations, exchange buffers) and the TP that fits."""
+
+from __future__ import annotations
+
+import math
+
+from moempi.errors import MoempiError
+from moempi.model.shapes import ModelMeta
+
+ACC_BYTES = 4           # float32: resident hidden state, gate probabilities, expert accumulators
+TP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)   # expert tensor-parallel widths tried by the fit search
+
+
+def experts_per_gpu(num_experts: int, ep: int) -> int:
+    """Experts of one MoE layer held by one expert-parallel slot: ceil(E / ep) (docs/design.md §2.4).
+
+    ep >= E: one expert per slot, spare slots hold replicas; ep < E: packing, ceil(E / ep).
+    """
+    return math.ceil(num_experts / ep)
+
+
+def memory_per_gpu(meta: ModelMeta, ep: int, tp: int, tokens_per_gpu: int, micro_batches: int,
+                   wire_bytes: int = 2, weight_bytes: int | None = None,
+                   skew: float = 1.0) -> dict[str, int]:
+    """Bytes held by one GPU, by component; ``total`` is their sum.
+
+    Layout: ``ep`` expert-parallel slots of ``tp`` GPUs each; one slot's experts are split
+    ``tp`` ways by Megatron-style expert tensor parallelism (``Win`` by columns, ``Wout`` by
+    rows), so expert bytes shrink by ``tp``; dense layers, gates and norms are replicated on
+    every GPU (each GPU runs them for its own tokens, docs/design.md §3).  ``weight_bytes`` is the
+    in-memory weight dtype (default the model's: 2 for BF16; the exact mode may hold fp32, 4).
+    ``skew`` is the max/mean expert load (1 for uniform routing): it scales receive buffers.
+
+    Components (T tokens per GPU, K top-k, H hidden, F expert hidden, E experts, m micro-batches):
+      experts      = (L-D) * ceil(E/ep) * 2*H*F * wb / tp         seed: 2*7168*2048*2 B = 58.72 MB per expert
+      dense        = D * 2*H*Fd * wb                               the dense MLPs
+      gate         = (L-D) * H*E * wb                              gate [H, E] per MoE layer
+      norms        = (L+1) * H * wb                                per-layer RMSNorm + final norm
+      activations  = T * (2*H + E) * 4                              x and h [T, H] f32, probs [T, E] f32
+      exchange     = 4 * T*K*H * wire * skew + 2*(tp-1)*T*K*H*wire*skew
+                     dispatch send/recv + combine send/recv for all m micro-batches in flight
+                     (each micro-batch moves on independently, docs/design.md §3), plus the TP all-gather
+                     and reduce-scatter receive buffers
+      workspace    = (T/m) * K * skew * (F + tp*H) * 4              one micro-batch's expert
+                     intermediate [n, F/tp] per TP shard of tp*n rows, and its f32 output
+    """
+    if min(ep, tp, tokens_per_gpu, micro_batches) < 1:
+        raise MoempiError(f"memory model: ep ({ep}), tp ({tp}), tokens per GPU ({tokens_per_gpu}) "
+                          f"and micro-batches ({micro_batches}) must be >= 1")
+    wb = meta.weight_bytes if weight_bytes is None else weight_bytes
+    H, F, Fd, E, K = (meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size,
+                      meta.num_experts, meta.top_k)
+    T, m = tokens_per_gpu, micro_batches
+    n_moe, n_dense = len(meta.moe_layers), meta.num_dense_layers
+    pairs = T * K * skew                               # (token, expert) pairs a GPU sends/receives
+    parts = {
+        "experts": math.ceil(n_moe * experts_per_gpu(E, ep) * 2 * H * F * wb / tp),
+        "dense": n_dense * 2 * H * Fd * wb,
+        "gate": n_moe * H * E * wb,
+        "norms": (meta.num_layers + int(meta.has_final_norm)) * H * wb,
+        "activations": T * (2 * H + E) * ACC_BYTES,
+        "exchange": math.ceil((4 + 2 * (tp - 1)) * pairs * H * wire_bytes),
+        "workspace": math.ceil(math.ceil(T / m) * K * skew * (F + tp * H) * ACC_BYTES),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def smallest_fitting_tp(meta: ModelMeta, ep: int, tokens_per_gpu: int, micro_batches: int,
+                        capacity_bytes: float, wire_bytes: int = 2, weight_bytes: int | None = None,
+                        skew: float = 1.0, max_tp: int = 64) -> int | None:
+    """Smallest TP width in 1, 2, 4, ... (dividing F, at most ``max_tp``) whose total fits
+    ``capacity_bytes``; None when none does (dense layers, gates or activations alone too big)."""
+    for tp in TP_CANDIDATES:
+        if tp > max_tp or meta.moe_ffn_size % tp:
+            break
+        used = memory_per_gpu(meta, ep, tp, tokens_per_gpu, micro_batches, wire_bytes,
+                              weight_bytes, skew)["total"]
+        if used <= capacity_bytes:
+            return tp
+    return None
+
+
+def check_fits(meta: ModelMeta, ep: int, tp: int, tokens_per_gpu: int, micro_batches: int,
+               capacity_bytes: float, wire_bytes: int = 2, weight_bytes: int | None = None,
+               skew: float = 1.0, max_tp: int = 64, source: str = "run") -> dict[str, int]:
+    """Return :func:`memory_per_gpu` when it fits ``capacity_bytes``, else raise MoempiError
+    naming the need, the capacity and the smallest TP that would fit."""
+    parts = memory_per_gpu(meta, ep, tp, tokens_per_gpu, micro_batches, wire_bytes,
+                           weight_bytes, skew)
+    if parts["total"] <= capacity_bytes:
+        return parts
+    fit = smallest_fitting_tp(meta, ep, tokens_per_gpu, micro_batches, capacity_bytes,
+                              wire_bytes, weight_bytes, skew, max_tp)
+    hint = (f"tp={fit} would fit" if fit is not None else
+            f"no tp up to {max_tp} fits: use more expert-parallel ranks or fewer tokens per GPU")
+    raise MoempiError(f"{source}: ep={ep} tp={tp} with {tokens_per_gpu} tokens per GPU needs "
+                      f"{parts['total'] / 1e9:.2f} GB per GPU of {capacity_bytes / 1e9:.2f} GB "
+                      f"(experts {parts['experts'] / 1e9:.2f} GB); {hint}")
+
+
+def available_host_bytes() -> int | None:
+    """This node's MemAvailable (Linux ``/proc/meminfo``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(meta: ModelMeta, ep: int, rows: int, batch_tokens: int, wire_bytes: int,
+                      weights_on_host: bool, available_bytes: float, source: str = "run") -> int:
+    """Refuse a rank whose host memory cannot hold what it keeps, naming the parts and the
+    knob; returns the bytes it needs.
+
+    A rank keeps the output rows of its shard until the end (``rows`` x H float32), one
+    batch's working set (:func:`memory_per_gpu` at ``batch_tokens`` tokens: activations,
+    exchange buffers, expert workspace) and, on a CPU backend, its weights in float32.
+    """
+    parts = memory_per_gpu(meta, ep, 1, batch_tokens, 1, wire_bytes, weight_bytes=ACC_BYTES)
+    weights = sum(parts[k] for k in ("experts", "dense", "gate", "norms"))
+    batch = parts["total"] - weights
+    output = rows * meta.hidden_size * ACC_BYTES
+    need = output + batch + (weights if weights_on_host else 0)
+    if need > available_bytes:
+        held = f", {weights / 1e9:.2f} GB of weights" if weights_on_host else ""
+        raise MoempiError(
+            f"{source}: a rank needs {need / 1e9:.2f} GB of host memory ({output / 1e9:.2f} GB "
+            f"for the {rows} output rows it holds, {batch / 1e9:.2f} GB for a batch of "
+            f"{batch_tokens} tokens{held}) but has {available_bytes / 1e9:.2f} GB "
+            "(run.host_memory_gb): lower pipeline.batch_tokens or use more ranks")
+    return need

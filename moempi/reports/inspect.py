@@ -1,0 +1,83 @@
+"""`moempi inspect`: a run's output summarised for a person (load, timings, overlap)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from moempi.errors import MoempiError
+from moempi.io.hdf5 import open_h5
+
+
+def _json_attr(f, name, default=None):
+    value = f.attrs.get(name)
+    if value is None:
+        return default
+    return json.loads(value)
+
+
+def summarise(path: str, echo=print) -> None:
+    """Print the run's configuration, per-layer expert load, timing breakdown and overlap."""
+    with open_h5(path, "output") as f:
+        if f.attrs.get("format") != "moempi-output":
+            raise MoempiError(f"{path}: not a moempi output file")
+        cfg = _json_attr(f, "config", {})
+        meta = _json_attr(f, "model_meta", {})
+        echo(f"{path}: {f['hidden'].shape[0]} tokens x {f['hidden'].shape[1]}, "
+             f"{f.attrs['world_size']} ranks (ep={f.attrs['ep']}, dp={f.attrs['dp']}), "
+             f"{meta.get('num_layers')} layers, {meta.get('num_experts')} experts, "
+             f"precision {cfg.get('run', {}).get('precision')}, "
+             f"{int(f.attrs['micro_batches'])} micro-batch(es), "
+             f"{'overlapped' if cfg.get('pipeline', {}).get('overlap') else 'blocking'}")
+        echo(f"command: {f.attrs['command_line']}")
+        echo(f"forward: {f.attrs['forward_seconds']:.3f} s "
+             f"({f['hidden'].shape[0] / f.attrs['forward_seconds']:,.0f} tokens/s)")
+        moe = f["stats/moe_layers"][:]
+        tpe = f["stats/tokens_per_expert"][:].astype(float)       # [L_moe, E]
+        tpr = f["stats/tokens_per_rank"][:].astype(float)         # [L_moe, P]
+        imb_e = tpe.max(1) / np.maximum(tpe.mean(1), 1e-12)
+        imb_r = tpr.max(1) / np.maximum(tpr.mean(1), 1e-12)
+        timings = {k: f[f"timings/{k}"][:] for k in ("compute", "wait", "overall",
+                                                     "dispatch", "combine", "pure_comm", "overlap")}
+        echo("")
+        echo("per layer: expert load (MoE layers) and time")
+        echo(f"{'layer':>5} {'kind':>5} {'min/expert':>10} {'max/expert':>10} {'imb(exp)':>9} "
+             f"{'imb(rank)':>9} {'compute s':>9} {'wait s':>8} {'overall s':>9} "
+             f"{'pure comm':>9} {'overlap%':>8}")
+        echo("  min/max/expert: (token, expert) pairs over all ranks; imb: max / mean over "
+             "experts, ranks; compute, wait, overall, pure comm: seconds, max over ranks; "
+             "overlap%: mean over ranks (OSU)")
+        index = {int(l): i for i, l in enumerate(moe)}
+        dense = [l for l in range(int(meta.get("num_layers", 0))) if l not in index]
+        shown = sorted(set(dense) | {int(moe[i]) for i in (
+            range(len(moe)) if len(moe) <= 24 else np.linspace(0, len(moe) - 1, 12).astype(int))})
+        for l in shown:
+            ov = np.nanmean(timings["overlap"][:, l]) if np.isfinite(
+                timings["overlap"][:, l]).any() else float("nan")
+            if l in index:
+                i = index[l]
+                load = (f"{'moe':>5} {tpe[i].min():>10.0f} {tpe[i].max():>10.0f} "
+                        f"{imb_e[i]:>9.2f} {imb_r[i]:>9.2f}")
+            else:
+                load = f"{'dense':>5} {'-':>10} {'-':>10} {'-':>9} {'-':>9}"
+            echo(f"{l:>5} {load} {timings['compute'][:, l].max():>9.4f} "
+                 f"{timings['wait'][:, l].max():>8.4f} {timings['overall'][:, l].max():>9.4f} "
+                 f"{timings['pure_comm'][:, l].max():>9.4f} {ov:>8.1f}")
+        if len(shown) < len(dense) + len(moe):
+            echo(f"  ({len(shown) - len(dense)} of {len(moe)} MoE layers shown)")
+        echo("")
+        echo(f"imbalance over MoE layers: experts mean {imb_e.mean():.2f} max {imb_e.max():.2f};"
+             f" ranks mean {imb_r.mean():.2f} max {imb_r.max():.2f}; MaxVio mean "
+             f"{(imb_e - 1).mean():.3f}")
+        tot = {k: v.sum(axis=1) for k, v in timings.items() if k != "overlap"}
+        echo("per-rank totals (s, mean over ranks, max): " + ", ".join(
+            f"{k} {tot[k].mean():.3f} (max {tot[k].max():.3f})"
+            for k in ("overall", "compute", "wait", "pure_comm")))
+        moe_cols = timings["overlap"][:, moe]
+        if np.isfinite(moe_cols).any():
+            over = tot["overall"] - tot["compute"]
+            total_pct = np.where(tot["pure_comm"] > 0, np.maximum(
+                0, 100 * (1 - over / np.maximum(tot["pure_comm"], 1e-12))), np.nan)
+            echo(f"overlap (OSU definition, whole run): mean {np.nanmean(total_pct):.1f} %, "
+                 f"per layer mean {np.nanmean(moe_cols):.1f} %")
