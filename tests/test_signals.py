@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import MOEMPI, MPI_ENV, MPIEXEC, moempi
+from conftest import MPI_ENV, MPIEXEC, moempi
 
 # every rank notes its pid; rank 0 stops while the output's temporary file is open
 WRITING = """

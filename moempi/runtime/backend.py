@@ -130,7 +130,8 @@ class HostBackend:
         return None
 
     def unpack(self, buf, bf16: bool, scratch, keep_bf16: bool = False):
-        """A received buffer as float32 rows (``scratch`` holds the decoded copy for BF16)."""
+        """A received buffer as float32 rows (``scratch`` holds the decoded copy for BF16;
+        ``keep_bf16`` is for the device, whose BF16 GEMMs take the wire's rows as they are)."""
         if not bf16:
             return buf
         np.copyto(scratch, buf.view(ml_dtypes.bfloat16), casting="unsafe")

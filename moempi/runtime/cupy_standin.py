@@ -230,8 +230,9 @@ def _round(nbytes) -> int:
 
 
 def _take(free: list, size: int):
-    """Best fit among ``free`` (``.nbytes`` or ``len``) of at least ``size``, at most twice."""
-    sizes = [b.nbytes if isinstance(b, _Block) else len(b) for b in free]
+    """Best fit among ``free`` (blocks or pinned arrays, by ``nbytes``) of at least ``size``,
+    at most twice."""
+    sizes = [b.nbytes for b in free]
     fits = [i for i, n in enumerate(sizes) if size <= n <= 2 * size]
     return free.pop(min(fits, key=sizes.__getitem__)) if fits else None
 
@@ -390,7 +391,8 @@ class ndarray(_np.ndarray):
         return bool(asnumpy(self))
 
     def __repr__(self):
-        return "stand-in " + repr(asnumpy(self))
+        # the memory as it is now, with no copy: a repr must not raise StreamOrderError
+        return "stand-in " + repr(_plain(self))
 
 
 def _is_basic(key) -> bool:
