@@ -84,8 +84,9 @@ def test_signal_while_writing_output(files, tmp_path, sig, target):
     finally:
         proc.kill()
     assert time.monotonic() - start < 10
-    # the ranks exit 128 + signal; MPICH's mpiexec, signalled itself, may exit with the number
-    assert proc.returncode in ((sig, 128 + sig) if target == "launcher" else (128 + sig,)), \
+    # the ranks exit 128 + signal; MPICH's mpiexec, signalled itself, may exit with the number,
+    # or with 9 when it SIGKILLed a rank still exiting (seen 1 run in 4 here)
+    assert proc.returncode in ((sig, 128 + sig, 9) if target == "launcher" else (128 + sig,)), \
         stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and f"stopped by {signal.Signals(sig).name}" in lines[0], stderr
