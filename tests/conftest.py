@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,18 @@ def mpirun(n: int, *args, cwd=None, timeout=120, check=True, python=False,
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n"
                              f"{proc.stderr}")
     return proc
+
+
+def names(folder, settle: float = 5.0) -> list[str]:
+    """The sorted names in ``folder`` once no temporary file (``.*.partial-*``) is left, or
+    after ``settle`` seconds: a rank killed by the launcher leaves its removal to its guard
+    process, a moment after the launcher returns."""
+    deadline = time.monotonic() + settle
+    while True:
+        found = sorted(p.name for p in Path(folder).iterdir())
+        if not any(".partial-" in n for n in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,8 @@ def one_round(comm, backend, ex, placement, local, rng, n, K, hidden, layer, pre
     for e, rows in plan.expert_slices():
         assert e in local
         y[rows, 3] = e                               # tag with the expert that computed it
-    out = backend.to_host(drive(ex.combine(plan, backend.to_device(y, y.dtype), n)))   # [n, K, H]
+    back = drive(ex.combine(plan, backend.to_device(y, y.dtype)))
+    out = backend.to_host(ex.per_token(back, plan, n))                       # [n, K, H]
     for k in range(K):
         live = topk_idx[:, k] >= 0
         assert (out[live, k, 0] == rank).all(), "combine returned another rank's row"

@@ -21,6 +21,14 @@ def test_bench_all_quick(tmp_path):
     assert all(0 < r < 5 for r in ratios(out, "-> ratio"))
     assert len(ratios(out, "overlapped/blocking")) == 2          # real and comm-heavy shapes
     assert "overlap" in out and "(OSU" in out
+    # the micro-batch choice against every fixed count, at both shapes: the auto count is one
+    # of the timed ones and the ratios are those of the printed times
+    for m in re.finditer(r"auto (\d+) \(([0-9.]+) ms\), best fixed (\d+) \(([0-9.]+) ms\) "
+                         r"-> auto/best ([0-9.]+)", out):
+        auto_ms, best_ms, ratio = float(m[2]), float(m[4]), float(m[5])
+        assert best_ms <= auto_ms and abs(ratio - auto_ms / best_ms) < 0.01
+    assert len(ratios(out, "auto/best")) == 2
+    assert len(re.findall(r"over the plain-GEMM floor \([0-9.]+ ms\) ([0-9.]+)", out)) == 2
     data = json.loads(cal.read_text())
     assert data["format"] == "moempi-calibration" and data["gemm_flops"] > 0
 

@@ -10,10 +10,12 @@ from conftest import mpirun
 KILL = """
 import os, sys
 from mpi4py import MPI
-from moempi.runtime import checkpoint, runner
+from moempi.runtime import checkpoint, tune
 from moempi import cli
-if os.environ.get("PROBE_CHOICE"):          # what the start-up probe chooses in this start
-    runner.choose_micro_batches = lambda *args: (int(os.environ["PROBE_CHOICE"]), {})
+if os.environ.get("PROBE_CHOICE"):          # what the start-up timing chooses in this start
+    fastest = int(os.environ["PROBE_CHOICE"])
+    tune.candidates = lambda rows, most: [1, fastest]
+    tune.time_micro_batches = lambda world, ctx, ex, x, counts: {m: float(m != fastest) for m in counts}
 original = checkpoint.Checkpoint.save
 def save(self, batch, *args, **kwargs):
     original(self, batch, *args, **kwargs)
@@ -64,8 +66,8 @@ def test_checkpoint_from_another_run_is_refused(files, tmp_path):
 
 
 def test_resume_reuses_the_recorded_micro_batch_count(files, tmp_path):
-    """The probe chose 3 in the killed start; the resumption keeps 3 (it would choose
-    otherwise), and naming another count is refused, naming the setting."""
+    """The start-up timing chose 3 in the killed start; the resumption keeps 3 (it would
+    choose otherwise), and naming another count is refused, naming the setting."""
     common = ["--model", files / "deep.h5", "--tokens", files / "tok.h5",
               "--set", "pipeline.batch_tokens=50"]
     script, ckpt, out = tmp_path / "kill.py", tmp_path / "ckpt", tmp_path / "out.h5"
@@ -77,7 +79,7 @@ def test_resume_reuses_the_recorded_micro_batch_count(files, tmp_path):
     other = mpirun(2, "run", *common, "--output", out, "--checkpoint", ckpt,
                    "--micro-batches", "2", check=False)
     assert other.returncode != 0 and not out.exists()
-    assert "pipeline.micro_batches: was 3 (the probe's choice), now 2" in other.stderr
+    assert "pipeline.micro_batches: was 3 (the timed choice), now 2" in other.stderr
     proc = mpirun(2, "run", *common, "--output", out, "--checkpoint", ckpt)
     assert "2 of 3 batch(es) already done" in proc.stdout and "3 micro-batch(es)" in proc.stdout
     with h5py.File(full, "r") as a, h5py.File(out, "r") as b:

@@ -130,7 +130,7 @@ def round_trip(backend, precision="fp32", n=64, hidden=8, experts=2):
         with backend.running():
             plan = drive(ex.plan(topk_idx, dest, [0, 1]))
             recv = drive(ex.dispatch(plan, backend.to_device(h)))
-            back = backend.to_host(drive(ex.combine(plan, recv, n)))
+            back = backend.to_host(ex.per_token(drive(ex.combine(plan, recv)), plan, n))
     finally:
         ex.close()
     return h, back

@@ -235,7 +235,7 @@ def info(backend):
     from mpi4py import MPI
 
     from moempi.runtime.backend import describe_binding, mpi_cuda_aware
-    from moempi.runtime.runner import versions
+    from moempi.runtime.output import versions
     world = MPI.COMM_WORLD
     bindings = world.gather(describe_binding(world, backend), root=0)
     if world.rank == 0:
@@ -266,8 +266,9 @@ def inspect(output, plot_dir):
 
 
 @cli.command("bench")
-@click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "calibrate",
-                                           "place", "gpu", "balance"]), default="all")
+@click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "micro",
+                                           "calibrate", "place", "gpu", "balance"]),
+                default="all")
 @click.option("--backend", type=click.Choice(["cupy", "standin"]), default="cupy",
               show_default=True, help="For `gpu`: the GPU backend (standin: CuPy code on numpy).")
 @click.option("--tokens", type=int, default=256, show_default=True, help="Tokens per rank.")
@@ -288,6 +289,9 @@ def bench(what, tokens, layers, micro_batches, calibration, add, quick, backend)
     exchange   dispatch+combine vs a raw mpi4py Alltoallv of the same bytes
     overlap    overlapped vs blocking layer time on the real shape (H 7168, F 2048) and on a
                communication-heavy shape (F chosen so compute and exchange take similar time)
+    micro      the start-up choice of the micro-batch count vs every fixed count, and one MoE
+               layer's time over the plain-GEMM floor, at H 7168 / F 2048 / 256 tokens per
+               rank and H 1024 / F 256 / 4096 tokens per rank (2 experts per layer)
     calibrate  this machine for `plan --hardware`, in a fresh process: GEMM and weight-read
                rates, Alltoallv latency and bandwidth, the runner's per-token, per-micro-batch,
                dense-layer and first-pass costs, fitted on runs of the real runner (H 768,
@@ -349,6 +353,12 @@ def _bench(world, what, tokens, layers, micro_batches, calibration, add, quick, 
         heavy_ffn = b.comm_heavy_ffn(world, hidden, tokens)
         b.bench_overlap(world, b.Shape("comm-heavy", hidden, heavy_ffn, tokens, layers), echo,
                         micro_batches)
+    if what in ("all", "micro"):
+        shapes = [b.Shape("real", hidden, ffn, tokens if quick else 256, 1),
+                  b.Shape("wide-batch", 1024 // (4 if quick else 1), 256 // (4 if quick else 1),
+                          4096 // (4 if quick else 1), 1)]
+        for shape in shapes:
+            b.bench_micro_batches(world, shape, echo)
     if what == "all":
         b.calibrate(world, echo, calibration)
 

@@ -43,8 +43,10 @@ class ParallelSection:
 @dataclass(frozen=True)
 class PipelineSection:
     overlap: bool = True             # nonblocking exchange overlapped with expert compute
-    micro_batches: int = 0           # micro-batches per batch in flight; 0 = choose from a network probe
+    micro_batches: int = 0           # micro-batches per batch in flight; 0 = the fastest, timed at start-up
     max_micro_batches: int = 16      # upper bound for the automatic choice
+    chunk_rows: int = 0              # expert GEMM rows between MPI polls while exchanges are in
+                                     # flight (CPU); 0 = measured at start-up
     batch_tokens: int = 0            # tokens per rank per batch (balancing/checkpoint step); 0 = all
     measure_pure_comm: bool = True   # replay each layer's exchange without compute (for overlap %)
     stall_timeout: float = 300.0     # seconds without progress before a rank says what it waits
@@ -93,9 +95,10 @@ class Config:
             raise MoempiError("config: parallel.ep must be >= 0, tp and dp >= 1")
         if pl.stall_timeout < 0:
             raise MoempiError("config: pipeline.stall_timeout must be >= 0 (0: no timeout)")
-        if pl.micro_batches < 0 or pl.max_micro_batches < 1 or pl.batch_tokens < 0:
-            raise MoempiError("config: pipeline.micro_batches and batch_tokens must be >= 0, "
-                              "max_micro_batches >= 1")
+        if pl.micro_batches < 0 or pl.max_micro_batches < 1 or pl.batch_tokens < 0 or \
+                pl.chunk_rows < 0:
+            raise MoempiError("config: pipeline.micro_batches, batch_tokens and chunk_rows must "
+                              "be >= 0, max_micro_batches >= 1")
         if b.rate < 0 or b.clip < 0 or b.capacity_factor < 0:
             raise MoempiError("config: balance.rate, clip and capacity_factor must be >= 0")
         if b.overflow not in ("reroute", "drop"):

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 
 from moempi.errors import MoempiError
@@ -26,24 +28,68 @@ def partial_name(path: str) -> str:
     return os.path.join(head, f".{tail}.partial-{_HOST}-{os.getpid()}")
 
 
+# The guard: a small process of its own session that outlives this one.  It learns each
+# temporary file as it is registered or released and, when this process is gone without
+# releasing them (SIGKILL, the out-of-memory killer, MPICH's proxy ending the ranks when
+# mpiexec dies of a hangup it does not forward), removes them.  It ignores the signals a
+# job's processes get together, so the ranks' own handling (moempi.runtime.signals) comes first.
+_GUARD = r"""
+import os, signal, sys
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+paths = set()
+for line in sys.stdin.buffer:
+    path = os.fsdecode(bytes.fromhex(line[1:].decode()))
+    (paths.add if line[:1] == b"+" else paths.discard)(path)
+for path in paths:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+"""
+
+
 class _Registry:
-    """This process's temporary files, so a signal handler can remove them (:func:`remove_all`)."""
+    """This process's temporary files, so a signal handler can remove them (:func:`remove_all`)
+    and the guard process can when this process is killed."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.paths: set[str] = set()
         self.closed = False
+        self.guard = None
+        self.guard_pid = None
+
+    def _tell(self, sign: bytes, path: str) -> None:
+        """Tell the guard (started with the first file, by this process: not a fork's)."""
+        if self.guard_pid != os.getpid():
+            self.guard_pid = os.getpid()
+            try:
+                self.guard = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", _GUARD], stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    start_new_session=True, bufsize=0)
+            except OSError:
+                self.guard = None           # no guard: the next writer's sweep still works
+        if self.guard is not None:
+            try:
+                self.guard.stdin.write(sign + os.fsencode(path).hex().encode() + b"\n")
+            except OSError:
+                self.guard = None
 
     def add(self, path: str) -> None:
         with self.lock:
             if not self.closed:
                 self.paths.add(path)
+                self._tell(b"+", path)
                 return
         threading.Event().wait()      # the process is stopping: never create another file
 
     def discard(self, path: str) -> None:
         with self.lock:
-            self.paths.discard(path)
+            if path in self.paths:
+                self.paths.discard(path)
+                self._tell(b"-", path)
 
 
 _registry = _Registry()

@@ -22,7 +22,8 @@ from moempi.place.placement import Placement, assign_replicas
 from moempi.runtime.backend import HostBackend
 from moempi.runtime.dispatch import Exchanger, drive, probe_network
 from moempi.runtime.pipeline import Context, Scheduler, Telemetry, run_batch
-from moempi.runtime.runner import overlap_percent
+from moempi.runtime import tune
+from moempi.runtime.output import overlap_percent
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,16 @@ def synthetic(comm: MPI.Comm, shape: Shape, seed: int = 0):
 
 
 def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
-            precision: str = "fp32") -> tuple[float, Telemetry, float]:
-    """One timed pass through ``run_batch``; returns (seconds, telemetry, pure exchange s)."""
+            precision: str = "fp32", chunk_rows: int = 0,
+            replay: bool = True) -> tuple[float, Telemetry, float]:
+    """One timed pass through ``run_batch``; returns (seconds, telemetry, pure exchange s;
+    0 without ``replay``)."""
     meta = weights.meta
     moe = len(meta.moe_layers)
     tel = Telemetry(meta.num_layers, moe, comm.size, meta.num_experts)
     bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
-    ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HostBackend())
+    ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HostBackend(),
+                  chunk_rows=chunk_rows)
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
                             blocking=not overlap) for _ in range(micro_batches)]
     try:
@@ -78,7 +82,8 @@ def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
         t = time.perf_counter()
         run_batch(ctx, exchangers, x, 0, 0)
         elapsed = time.perf_counter() - t
-        pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(moe))
+        pure = sum(exchangers[0].replay(tel.exchanges_of(m)) for m in range(moe)) if replay \
+            else 0.0
     finally:
         for ex in exchangers:
             ex.close()
@@ -117,13 +122,17 @@ def bench_expert(comm, shape: Shape, echo) -> dict:
 
 
 def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: int = 5) -> dict:
-    """Dispatch + combine through the Exchanger vs a raw mpi4py Alltoallv of the same bytes."""
+    """Dispatch + combine through the Exchanger vs a raw mpi4py Alltoallv of the same bytes.
+
+    Ours includes all the exchange's local work: gathering (and BF16 rounding) the rows,
+    decoding, and summing the returned rows into the tokens (the weighted sum)."""
     weights, placement, x = synthetic(comm, shape)
     meta = weights.meta
     layer = weights.layers[0]
     from moempi.model.gating import gate_probs, route
-    topk_idx, _ = route(gate_probs(x, layer.gate), meta.top_k)
+    topk_idx, weights = route(gate_probs(x, layer.gate), meta.top_k)
     dest = assign_replicas(topk_idx, *placement.replica_table(layer.index, comm.rank), comm.rank)
+    residual = x.copy()
     ex = Exchanger(comm, meta.hidden_size, meta.num_experts, precision, blocking=True)
     try:
         plan = drive(ex.plan(topk_idx, dest, sorted(layer.experts)))
@@ -143,7 +152,8 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
             y = recv.copy() if y is None else np.copyto(y, recv) or y
             comm.Barrier()
             t = time.perf_counter()
-            drive(ex.combine(plan, y, len(x)))
+            back = drive(ex.combine(plan, y))
+            ex.add_weighted(residual, back, plan, weights)     # the rows back into the tokens
             ours = min(ours, dispatch_s + time.perf_counter() - t)
             comm.Barrier()
             t = time.perf_counter()
@@ -183,6 +193,54 @@ def bench_overlap(comm, shape: Shape, echo, micro_batches: int = 4) -> dict:
     echo(f"  overlapped/blocking {result['overlapped_vs_blocking']:.2f}, overlapped/max(compute, "
          f"exchange) {result['overlapped_vs_ideal']:.2f} (1.0 = perfect), overlap {pct:.0f} % "
          f"(OSU, min over ranks)")
+    return result
+
+
+def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
+    """The start-up choice of the micro-batch count (``moempi run``'s, :mod:`runtime.tune`)
+    against every fixed count, and the layer time over the plain-GEMM compute floor.
+
+    Each fixed count runs the whole pass (best of ``repeats``, slowest rank); the automatic
+    choice is what ``tune.time_micro_batches`` picks on the same weights and tokens.  The
+    floor is the slowest rank's expert rows at the plain numpy GEMM rate of that many rows.
+    """
+    weights, placement, x = synthetic(comm, shape)
+    meta = weights.meta
+    chunk, _ = tune.chunk_rows(meta, comm)
+    counts = tune.candidates(len(x), 16)
+    forward(comm, weights, placement, x, max(counts), True, chunk_rows=chunk, replay=False)
+    fixed = {m: float("inf") for m in counts}
+    for r in range(repeats):
+        for m in counts if r % 2 == 0 else reversed(counts):
+            t, tel, _ = forward(comm, weights, placement, x, m, True, chunk_rows=chunk,
+                                replay=False)
+            fixed[m] = min(fixed[m], t)
+    tel_ = Telemetry(meta.num_layers, len(meta.moe_layers), comm.size, meta.num_experts)
+    bias = np.zeros((len(meta.moe_layers), meta.num_experts), np.float32)
+    ctx = Context(weights, placement, comm.rank, 0, bias, tel_, Scheduler(tel_), HostBackend(),
+                  chunk_rows=chunk)
+    exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, "fp32")
+                  for _ in range(max(counts))]
+    try:
+        trials = tune.time_micro_batches(comm, ctx, exchangers, x, counts)
+    finally:
+        for ex in exchangers:
+            ex.close()
+    auto = min(trials, key=trials.get)
+    best = min(fixed, key=fixed.get)
+    rows = int(tel.rows_computed.sum())                   # this rank's expert rows, all layers
+    floor = 4.0 * rows * meta.hidden_size * meta.moe_ffn_size / plain_gemm_flops(
+        meta.hidden_size, meta.moe_ffn_size, max(1, rows // shape.layers))
+    floor = comm.allreduce(floor, op=MPI.MAX)
+    result = {"fixed_s": fixed, "auto": auto, "best": best, "chunk_rows": chunk,
+              "auto_vs_best": fixed[auto] / fixed[best],
+              "layer_vs_floor": fixed[auto] / floor, "floor_s": floor}
+    echo(f"micro-batches ({shape.name}, H={shape.hidden} F={shape.ffn}, {shape.tokens} "
+         f"tokens/rank, {shape.layers} MoE layer(s), GEMM chunk {chunk} rows): " + ", ".join(
+             f"{m}: {t * 1e3:.1f} ms" for m, t in fixed.items()))
+    echo(f"  auto {auto} ({fixed[auto] * 1e3:.1f} ms), best fixed {best} "
+         f"({fixed[best] * 1e3:.1f} ms) -> auto/best {result['auto_vs_best']:.3f}; layer time "
+         f"over the plain-GEMM floor ({floor * 1e3:.1f} ms) {result['layer_vs_floor']:.2f}")
     return result
 
 
@@ -349,7 +407,7 @@ def _overlap_percent(comm, backend, weights, placement, x, micro_batches: int = 
 
 
 def _min_overlap(comm, tel: Telemetry, pure_s: float) -> float:
-    """The OSU overlap % of a pass (:func:`runner.overlap_percent` over its layers' sums),
+    """The OSU overlap % of a pass (:func:`output.overlap_percent` over its layers' sums),
     min over ranks."""
     overall = tel.seconds["busy"].sum() + tel.seconds["wait"].sum()
     pct = float(overlap_percent(overall, tel.seconds["compute"].sum(), pure_s))

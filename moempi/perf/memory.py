@@ -111,25 +111,25 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def check_host_memory(meta: ModelMeta, ep: int, rows: int, batch_tokens: int, wire_bytes: int,
+def check_host_memory(meta: ModelMeta, ep: int, batch_tokens: int, wire_bytes: int,
                       weights_on_host: bool, available_bytes: float, source: str = "run") -> int:
     """Refuse a rank whose host memory cannot hold what it keeps, naming the parts and the
     knob; returns the bytes it needs.
 
-    A rank keeps the output rows of its shard until the end (``rows`` x H float32), one
-    batch's working set (:func:`memory_per_gpu` at ``batch_tokens`` tokens: activations,
-    exchange buffers, expert workspace) and, on a CPU backend, its weights in float32.
+    A rank keeps one batch's working set (:func:`memory_per_gpu` at ``batch_tokens`` tokens:
+    activations, exchange buffers, expert workspace), that batch's output rows until rank 0
+    has written them (``batch_tokens`` x H float32) and, on a CPU backend, its weights in
+    float32.
     """
     parts = memory_per_gpu(meta, ep, 1, batch_tokens, 1, wire_bytes, weight_bytes=ACC_BYTES)
     weights = sum(parts[k] for k in ("experts", "dense", "gate", "norms"))
-    batch = parts["total"] - weights
-    output = rows * meta.hidden_size * ACC_BYTES
-    need = output + batch + (weights if weights_on_host else 0)
+    batch = parts["total"] - weights + batch_tokens * meta.hidden_size * ACC_BYTES
+    need = batch + (weights if weights_on_host else 0)
     if need > available_bytes:
-        held = f", {weights / 1e9:.2f} GB of weights" if weights_on_host else ""
+        held = f" and {weights / 1e9:.2f} GB of weights" if weights_on_host else ""
         raise MoempiError(
-            f"{source}: a rank needs {need / 1e9:.2f} GB of host memory ({output / 1e9:.2f} GB "
-            f"for the {rows} output rows it holds, {batch / 1e9:.2f} GB for a batch of "
-            f"{batch_tokens} tokens{held}) but has {available_bytes / 1e9:.2f} GB "
-            "(run.host_memory_gb): lower pipeline.batch_tokens or use more ranks")
+            f"{source}: a rank needs {need / 1e9:.2f} GB of host memory ({batch / 1e9:.2f} GB "
+            f"for a batch of {batch_tokens} tokens{held}) but has "
+            f"{available_bytes / 1e9:.2f} GB (run.host_memory_gb): lower "
+            "pipeline.batch_tokens or use more ranks")
     return need

@@ -33,6 +33,10 @@ def summarise(path: str, echo=print) -> None:
         echo(f"command: {f.attrs['command_line']}")
         echo(f"forward: {f.attrs['forward_seconds']:.3f} s "
              f"({f['hidden'].shape[0] / f.attrs['forward_seconds']:,.0f} tokens/s)")
+        if "stats/peak_host_bytes" in f:
+            peak = f["stats/peak_host_bytes"][:] / 2**20
+            echo(f"peak host memory per rank: max {peak.max():,.0f} MiB, "
+                 f"min {peak.min():,.0f} MiB")
         moe = f["stats/moe_layers"][:]
         tpe = f["stats/tokens_per_expert"][:].astype(float)       # [L_moe, E]
         tpr = f["stats/tokens_per_rank"][:].astype(float)         # [L_moe, P]

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from moempi.errors import MoempiError
-from moempi.model.arrays import BF16, decode_bf16, encode_bf16
+from moempi.model.arrays import BF16, decode_bf16, encode_bf16, gather_bf16
 from moempi.model.experts import ACTIVATIONS, mlp, mlp_bf16
 from moempi.runtime import cupy_standin
 
@@ -116,15 +116,15 @@ class HostBackend:
     def pack(self, rows_of, idx, out, bf16: bool):
         """Gather ``rows_of[idx]`` into the send buffer ``out`` (BF16-rounded if asked)."""
         if bf16:
-            np.copyto(out.view(ml_dtypes.bfloat16), rows_of[idx], casting="unsafe")
-        else:
-            np.take(rows_of, idx, axis=0, out=out)
+            gather_bf16(rows_of, idx, out)
+        else:               # mode "clip": numpy buffers ``out`` in the checking mode (3x slower)
+            np.take(rows_of, idx, axis=0, out=out, mode="clip")
         return None
 
     def pack_all(self, rows, out, bf16: bool):
         """Copy ``rows`` whole into the send buffer ``out``."""
         if bf16:
-            np.copyto(out.view(ml_dtypes.bfloat16), rows, casting="unsafe")
+            gather_bf16(rows, None, out)
         elif not (rows.ctypes.data == out.ctypes.data and rows.shape == out.shape):
             out[...] = rows                 # (the experts did not write in place)
         return None
@@ -134,6 +134,7 @@ class HostBackend:
         ``keep_bf16`` is for the device, whose BF16 GEMMs take the wire's rows as they are)."""
         if not bf16:
             return buf
+        # an ml_dtypes cast: 4.3 ms for 1024 x 7168 here, integer widening took 5.9 ms
         np.copyto(scratch, buf.view(ml_dtypes.bfloat16), casting="unsafe")
         return scratch
 

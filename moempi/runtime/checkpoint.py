@@ -6,7 +6,7 @@ which writes ``batch-{b:05d}.h5`` under a temporary name and renames it, so a fi
 exists is complete.  Each file also holds the cumulative counters of every rank and the
 balancer's state, so the newest file alone restores them.  A job killed at any moment
 restarts from the newest complete batch: no token is lost or computed twice, and the same
-micro-batch count (recorded, and reused where the probe would choose another), biases and
+micro-batch count (recorded, and reused where the start-up timing would choose another), biases and
 placement make the result identical to an uninterrupted run.  A resumption whose settings
 differ is refused, naming them.
 """
@@ -35,7 +35,7 @@ def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int,
     data = {f"{section}.{key}": value for section, table in cfg.to_dict().items()
             for key, value in table.items()}
     for key in ("run.output", "run.overwrite", "run.checkpoint", "pipeline.measure_pure_comm",
-                "pipeline.stall_timeout"):
+                "pipeline.stall_timeout", "pipeline.chunk_rows"):
         data.pop(key)
     for key in ("run.model", "run.tokens"):
         st = os.stat(data[key])
@@ -56,7 +56,7 @@ def _differences(found: dict, expected: dict, micro_batches: int) -> list[str]:
                 continue         # 0: the recorded count is reused; or the same count named
             was = micro_batches if was == 0 else was
             if was == micro_batches and found.get(key) == 0:
-                was = f"{micro_batches} (the probe's choice)"
+                was = f"{micro_batches} (the timed choice)"
         if was != now:
             if key == "placement":
                 was, now = "one placement", "another"
@@ -131,7 +131,8 @@ class Checkpoint:
 
     def save(self, batch: int, micro_batches: int, rows: np.ndarray, lo: int,
              routing: dict | None, tel, history: dict, bias_next: np.ndarray) -> None:
-        """Batch ``batch`` is done: this rank's rows ``rows`` start at shard row ``lo``."""
+        """Batch ``batch`` is done: this rank's rows ``rows`` start at shard row ``lo``;
+        ``routing`` (MoE layer -> (topk_idx, dest_rank)) holds the same rows, or is None."""
         world = self.world
         placed = world.gather((len(rows), lo), root=0)      # this batch's rows, first shard row
         state = {name: parallel.gather_stack(world, getattr(tel, name)) for name in STATE}
@@ -152,10 +153,9 @@ class Checkpoint:
             if routing is not None:
                 for m, arrays in routing.items():
                     for name, arr in zip(("topk_idx", "dest_rank"), arrays):
-                        part = arr[lo:lo + len(rows)]
-                        rds = f.create_dataset(f"routing/{m}/{name}", (int(offsets[-1]), part.shape[1]),
+                        rds = f.create_dataset(f"routing/{m}/{name}", (int(offsets[-1]), arr.shape[1]),
                                                "i4") if f else None
-                        parallel.stream_rows_to_dataset(world, part, rds, offsets)
+                        parallel.stream_rows_to_dataset(world, arr, rds, offsets)
             if f:
                 for name, data in state.items():
                     f[f"state/{name}"] = data
@@ -173,9 +173,11 @@ class Checkpoint:
                 files.release(tmp)
         world.Barrier()
 
-    def restore(self, done: int, hidden: np.ndarray, routing: dict | None, tel, history: dict,
+    def restore(self, done: int, output, with_routing: bool, tel, history: dict,
                 bias: np.ndarray) -> None:
-        """Fill this rank's rows, routing, counters and the balancer from batches ``0..done-1``."""
+        """Restore the counters and the balancer from batch ``done - 1`` and copy the rows of
+        batches ``0..done-1`` into ``output`` (:class:`moempi.runtime.output.OutputFile`),
+        one rank's batch at a time, on rank 0."""
         world = self.world
         last = None
         if world.rank == 0:
@@ -190,17 +192,19 @@ class Checkpoint:
         bias[...] = last["bias_next"]
         history["bias"][:] = list(last["history_bias"])
         history["tokens_per_expert"][:] = list(last["history_load"])
-        for b in range(done):
-            with h5py.File(_batch_file(self.path, b), "r") as f:
-                counts = f["rank_rows"][()]
-                offsets = np.concatenate([[0], np.cumsum(counts)])
-                a, n = int(offsets[world.rank]), int(counts[world.rank])
-                lo = int(f["rank_lo"][world.rank])
-                hidden[lo:lo + n] = f["hidden"][a:a + n]
-                if routing is not None:
-                    for m, (idx, dest) in routing.items():
-                        idx[lo:lo + n] = f[f"routing/{m}/topk_idx"][a:a + n]
-                        dest[lo:lo + n] = f[f"routing/{m}/dest_rank"][a:a + n]
+        if world.rank == 0:
+            for b in range(done):
+                with h5py.File(_batch_file(self.path, b), "r") as f:
+                    counts = f["rank_rows"][()]
+                    offsets = np.concatenate([[0], np.cumsum(counts)])
+                    for rank, (a, z) in enumerate(zip(offsets[:-1], offsets[1:])):
+                        routing = None
+                        if with_routing:
+                            routing = {int(m): (g["topk_idx"][a:z], g["dest_rank"][a:z])
+                                       for m, g in f["routing"].items()}
+                        output.restored(rank, int(f["rank_lo"][rank]), f["hidden"][a:z],
+                                        routing)
+        world.Barrier()
 
     def remove(self) -> None:
         """The output is complete: the checkpoint is no longer needed."""

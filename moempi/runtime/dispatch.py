@@ -15,7 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 from moempi.errors import MoempiError
-from moempi.model.arrays import array_module
+from moempi.model.arrays import BF16, array_module, weighted_rows
 from moempi.runtime.backend import HostBackend
 
 
@@ -54,6 +54,12 @@ class DispatchPlan:
             start += n
             if n:
                 yield e, idx
+
+    def positions(self, num_tokens: int) -> np.ndarray:
+        """`[N, K]` int64: each pair's row in the send order, -1 where dropped."""
+        pos = np.full(num_tokens * self.top_k, -1, dtype=np.int64)
+        pos[self.pair_order] = np.arange(self.num_send)
+        return pos.reshape(num_tokens, self.top_k)
 
     def unpermute(self, back, num_tokens: int, order=None):
         """Combined rows `[S, H]` (send order) -> `[N, K, H]` per token and slot, 0 where dropped.
@@ -190,15 +196,35 @@ class Exchanger:
             return None
         return self._buffer("combine_send", plan.num_recv)
 
-    def combine(self, plan: DispatchPlan, y, num_tokens: int):
-        """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks: `[N, K, H]` float32."""
+    def combine(self, plan: DispatchPlan, y):
+        """Return expert outputs ``y`` `[R, H]` to the pairs' home ranks: `[S, H]` rows in
+        send order (:meth:`add_weighted` sums them into the tokens): float32, or on the host
+        with a BF16 wire the received bits.  Valid until this exchanger's next combine."""
         send = self._buffer("combine_send", plan.num_recv)
         yield from self._ready(self.backend.pack_all(y, send, self.bf16))
         recv = self._buffer("combine_recv", plan.num_send)
         yield from self._alltoallv(send, plan.recv_counts, plan.recv_displs,
                                    recv, plan.send_counts, plan.send_displs)
-        back = self.backend.unpack(recv, self.bf16, self._scratch("combine_f32", len(recv)))
+        if not self.backend.gpu:
+            return recv                 # float32, or BF16 bits that add_weighted widens
+        back = self.backend.unpack(recv, self.bf16)
         self._fences["combine_recv"] = self.backend.fence()
+        return back
+
+    def add_weighted(self, x, back, plan: DispatchPlan, weights) -> None:
+        """``x += sum_k weights[:, k] * (token's k-th expert output)`` from :meth:`combine`'s
+        rows: on the host gathered block by block (no `[N, K, H]` temporary), on a GPU
+        un-permuted then one einsum on the stream."""
+        if self.backend.gpu:
+            x += self.backend.xp.einsum("nkh,nk->nh", self.per_token(back, plan, len(x)),
+                                        weights)
+        else:
+            weighted_rows(x, back, plan.positions(len(x)), weights)
+
+    def per_token(self, back, plan: DispatchPlan, num_tokens: int):
+        """:meth:`combine`'s rows as `[N, K, H]` float32 per token and slot, 0 where dropped."""
+        if back.dtype == np.uint16:             # the host's BF16 wire: the received bits
+            back = back.view(BF16).astype(np.float32)
         return plan.unpermute(back, num_tokens, self._order)
 
     # -- measurement -----------------------------------------------------------------------
@@ -302,8 +328,9 @@ def probe_network(comm: MPI.Comm, hidden: int, wire_bytes: int, rows: int = 256,
     # the extra bytes over the extra time, unless the large exchange took barely longer than
     # the small one (timer noise then gave figures like 783 TB/s): then the bytes over the
     # whole time, a lower bound
+    # (the large exchange's time, at least the small one's: noise can make it the faster)
     spread = best[1] - best[0]
-    bandwidth = extra_bytes / (spread if spread > best[1] / 2 else best[1])
+    bandwidth = extra_bytes / (spread if spread > best[1] / 2 else max(best))
     return comm.bcast((latency, bandwidth), root=0)
 
 
@@ -324,7 +351,7 @@ def probe_exchange_step(comm: MPI.Comm, hidden: int, num_experts: int, precision
             t = time.perf_counter()
             plan = drive(ex.plan(empty, empty, []))
             recv = drive(ex.dispatch(plan, np.zeros((0, hidden), np.float32)))
-            drive(ex.combine(plan, recv, 0))
+            drive(ex.combine(plan, recv))
             best = min(best, time.perf_counter() - t)
     finally:
         ex.close()

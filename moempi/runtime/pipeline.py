@@ -6,9 +6,11 @@ an exchange (an ``MPI.Request``; on a GPU also an event that marks a buffer read
 experts compute, micro-batch i+1's dispatch is in flight, and a micro-batch enters the
 next layer as soon as its own combine is done: no barrier per layer.
 
-Progress.  A nonblocking collective only advances inside MPI calls.  Expert compute is cut
-into chunks of ~10 ms and :meth:`Scheduler.poll` calls ``MPI_Testall`` on the requests in
-flight between chunks.  The alternative, a progress thread, measured worse: with MPICH's
+Progress.  A nonblocking collective only advances inside MPI calls.  While exchanges are
+in flight, expert compute on the CPU is cut into chunks of ``Context.chunk_rows`` rows (the
+fewest that keep 95 % of the GEMM rate, :mod:`moempi.runtime.tune`) and
+:meth:`Scheduler.poll` calls ``MPI_Testall`` on the requests in flight between chunks; with
+nothing in flight an expert's rows are one GEMM.  The alternative, a progress thread, measured worse: with MPICH's
 own (``MPIR_CVAR_ASYNC_PROGRESS=1``) the `moempi bench overlap` real shape (2 ranks on 2
 cores, H 7168, F 2048, 512 tokens per rank) took 1709 ms per layer overlapped instead of
 779 ms, because the thread spins on the core the GEMM needs (and a Python thread would add
@@ -38,8 +40,6 @@ from moempi.place.placement import Placement, assign_replicas
 # layer's exchanges; busy: time running the layer's code (MPI calls included).
 # A rank's wall time is the sum over layers of busy + wait.
 TIMINGS = ("gate", "dispatch", "expert", "pack", "combine", "compute", "wait", "busy")
-CHUNK_FLOP = 1e9      # expert compute per progress poll: ~10 ms on one CPU core
-CHUNK_ROWS = 128      # but never fewer rows than this: small GEMMs run far below peak
 
 
 @dataclass
@@ -88,11 +88,11 @@ class Scheduler:
         self.telemetry = telemetry
         self.pending: dict = {}      # micro-batch index -> what it waits for
 
-    def poll(self) -> None:
-        """Let MPI progress the exchanges in flight (called between compute chunks)."""
+    def poll(self) -> bool:
+        """Let MPI progress the exchanges in flight (called between compute chunks); whether
+        any is still in flight."""
         requests = [w for w in self.pending.values() if isinstance(w, MPI.Request)]
-        if requests:
-            MPI.Request.Testall(requests)
+        return bool(requests) and not MPI.Request.Testall(requests)
 
     def run(self, tasks: list) -> None:
         """``tasks``: :class:`MicroBatch` objects; runs their ``steps`` until all are done."""
@@ -155,6 +155,8 @@ class Context:
     capacity_factor: float = 0.0     # per-replica capacity as a multiple of the mean; 0 = dropless
     reroute: bool = True             # overflow to the next-best expert with room (else drop)
     on_layer_done: object = None     # callable(micro_batch, layer) for progress reports, or None
+    chunk_rows: int = 0              # expert GEMM rows between MPI polls while exchanges are in
+                                     # flight (CPU); 0 = one GEMM per expert
     replica_tables: dict = field(default_factory=dict)
 
     def replicas(self, layer: int):
@@ -196,9 +198,9 @@ class MicroBatch:
                                                                  sorted(layer.experts)))
             recv = yield from self._exchange("dispatch", ex.dispatch(plan, h))
             y = self._experts(layer, plan, recv)
-            back = yield from self._exchange("combine", ex.combine(plan, y, len(x)))
+            back = yield from self._exchange("combine", ex.combine(plan, y))
             t = time.perf_counter()
-            x += self.xp.einsum("nkh,nk->nh", back, topk_weights)
+            ex.add_weighted(x, back, plan, topk_weights)
             self._record(l - meta.num_dense_layers, topk_idx, dest_rank, plan)
             self._compute(l, t)
             self._done(l)
@@ -274,27 +276,35 @@ class MicroBatch:
             tel.add("compute", self.layer, local)
 
     def _experts(self, layer, plan, recv):
-        """The local experts on the received rows `[R, H]`, in chunks with MPI progress between.
+        """The local experts on the received rows `[R, H]`.
 
-        On a GPU the chunks are kernels enqueued on the backend's stream: the polls between
-        them run while the GPU works.
+        On the CPU, while exchanges are in flight, an expert's rows are cut into chunks of
+        at least ``chunk_rows`` with MPI progress between them; once nothing is in flight
+        the rest is one GEMM.  Every piece but a lone one has at least ``chunk_rows`` rows
+        (never a small tail), so each row comes out as in one GEMM.  On a GPU an expert is
+        one GEMM enqueued on the backend's stream, and the polls run while the GPU works.
         """
         meta, backend = self.ctx.weights.meta, self.ctx.backend
+        scheduler, chunk = self.ctx.scheduler, self.ctx.chunk_rows
         start = time.perf_counter()
         y = self.exchanger.output_buffer(plan)
         if y is None:                   # float32, or BF16 rows for the wire (GPU, bf16)
             y = self.xp.empty(recv.shape, dtype=recv.dtype)
-        chunk = max(CHUNK_ROWS, int(CHUNK_FLOP / (4 * meta.hidden_size * meta.moe_ffn_size)))
         for e, rows in plan.expert_slices():
             w_in, w_out = layer.experts[e]
-            if isinstance(rows, slice):
-                parts = [slice(s, min(s + chunk, rows.stop)) for s in range(rows.start, rows.stop, chunk)]
-            else:
+            if not isinstance(rows, slice):
                 rows = backend.index(rows)      # one host->device copy per expert, not per chunk
-                parts = [rows[s:s + chunk] for s in range(0, len(rows), chunk)]
-            for part in parts:
+            first, n = (rows.start, rows.stop - rows.start) if isinstance(rows, slice) \
+                else (0, len(rows))
+            done = 0
+            while done < n:
+                left = n - done
+                take = chunk if chunk and left >= 2 * chunk and scheduler.poll() else left
+                part = slice(first + done, first + done + take) if isinstance(rows, slice) \
+                    else rows[done:done + take]
                 y[part] = backend.mlp(recv[part], w_in, w_out, meta.activation)
-                self.ctx.scheduler.poll()
+                done += take
+            scheduler.poll()
         self._compute(layer.index, start, "expert")
         return y
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -15,34 +14,20 @@ from mpi4py import MPI
 from moempi import __version__
 from moempi.io import files, hdf5
 from moempi.model.balance import BiasBalancer, max_violation
-from moempi.runtime import parallel
+from moempi.runtime import parallel, tune
 from moempi.runtime.backend import make_backend
 from moempi.runtime.checkpoint import (Checkpoint, check_checkpoint_path, checkpoint_complete, fingerprint, scan)
 from moempi.errors import MoempiError
 from moempi.io.config import Config
-from moempi.model.experts import mlp, rmsnorm
 from moempi.model.shapes import ModelMeta
 from moempi.perf.memory import available_host_bytes, check_host_memory
 from moempi.place.placement import Placement
-from moempi.runtime.dispatch import Exchanger, probe_exchange_step, probe_network
+from moempi.runtime.dispatch import Exchanger
 from moempi.runtime.heap import keep_freed_memory
-from moempi.runtime.pipeline import TIMINGS, Context, Telemetry, run_batch, split_rows
+from moempi.runtime.output import OutputFile, peak_host_bytes, versions
+from moempi.runtime.pipeline import Context, Telemetry, run_batch, split_rows
 from moempi.runtime.stall import WatchedScheduler, Watchdog
 from moempi.runtime.weights import load_weights
-
-
-# what each /timings dataset measures, per rank and layer (stored as its description)
-TIMING_MEANING = {
-    "gate": "norm, gating and routing", "dispatch": "dispatch exchanges, posting to completion",
-    "expert": "expert MLP compute (the dense MLP in dense layers)",
-    "pack": "gathering, BF16 rounding and un-permuting exchange buffers",
-    "compute": "all local work of the layer (everything but MPI calls and waiting)",
-    "combine": "combine exchanges, posting to completion",
-    "wait": "time blocked waiting for the layer's exchanges",
-    "busy": "time running the layer's code, MPI calls included",
-    "overall": "busy + wait: the layer's wall time on this rank",
-    "pure_comm": "the layer's exchanges replayed alone, without compute",
-}
 
 
 def say(comm: MPI.Comm, msg: str) -> None:
@@ -142,46 +127,6 @@ def check_memory(cfg: Config, meta: ModelMeta, layout, num_tokens: int, capacity
                weight_bytes=2 if bf16 and cfg.backend.name != "numpy" else 4, source="run")
 
 
-def choose_micro_batches(cfg: Config, comm: MPI.Comm, meta: ModelMeta, tokens_per_rank: int,
-                         gpu: bool = False) -> tuple[int, dict]:
-    """The micro-batch count: the config's, or the performance model's choice from a probe
-    (this rank's; the caller broadcasts rank 0's)."""
-    if cfg.pipeline.micro_batches:
-        return cfg.pipeline.micro_batches, {}
-    if not cfg.pipeline.overlap:
-        return 1, {}
-    from moempi.perf.analytic import EXCHANGE_PHASES
-    from moempi.perf.analytic import choose_micro_batches as model_choice
-    wire_bytes = 2 if cfg.run.precision == "bf16" else 4
-    latency, bandwidth = probe_network(comm, meta.hidden_size, wire_bytes)
-    step = probe_exchange_step(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
-                               meta.top_k)
-    # an empty exchange step costs the network's latency per phase plus host work that no
-    # overlap hides: the model's fixed cost per micro-batch and layer.  On the CPU backend
-    # all of it is host work on the cores that compute (the copies too), so none is hidden.
-    overhead = step if not gpu else max(0.0, step - EXCHANGE_PHASES * latency)
-    gemm_flops = probe_gemm(meta)
-    m = model_choice(tokens_per_rank, meta, comm.size, gemm_flops, latency, bandwidth,
-                     wire_bytes, cfg.pipeline.max_micro_batches, overhead) if tokens_per_rank else 1
-    return int(max(1, m)), {"latency_s": latency, "exchange_step_s": step,
-                            "bandwidth_Bps": bandwidth, "gemm_flops": gemm_flops}
-
-
-def probe_gemm(meta: ModelMeta, rows: int = 64) -> float:
-    """Achieved expert-MLP FLOP/s of this rank on ``rows`` tokens (best of 3)."""
-    w_in = np.zeros((meta.hidden_size, meta.moe_ffn_size), dtype=np.float32)
-    w_out = np.zeros((meta.moe_ffn_size, meta.hidden_size), dtype=np.float32)
-    h = np.ones((rows, meta.hidden_size), dtype=np.float32)
-    best = min(_timed(lambda: mlp(h, w_in, w_out, meta.activation)) for _ in range(3))
-    return 4.0 * rows * meta.hidden_size * meta.moe_ffn_size / max(best, 1e-9)
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     """The whole job on every rank; returns the output path.  Raises CollectiveError on bad input."""
     started = time.perf_counter()
@@ -217,7 +162,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     if not host:                 # the node's available memory, shared by its ranks
         host = (available_host_bytes() or 0) / parallel.node_ranks(world)
     if host:
-        parallel.agree(world, check_host_memory, meta, layout.ep, num_local, min(batch, max_local),
+        parallel.agree(world, check_host_memory, meta, layout.ep, min(batch, max_local),
                        2 if cfg.run.precision == "bf16" else 4, not backend.gpu, host)
     # NaN/Inf refused before any compute; batch by batch, as the forward pass reads them
     parallel.agree(world, hdf5.check_tokens, cfg.run.tokens, start, stop, batch)
@@ -238,40 +183,53 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         found = parallel.root_call(world, scan, cfg.run.checkpoint, expected)
         done, resumed_micro = found["done"], found["micro_batches"]
         ckpt = Checkpoint(world, cfg.run.checkpoint, expected, num_batches)
-    if resumed_micro:            # the same micro-batches as before: the same arithmetic
-        micro_batches, probe = resumed_micro, {}
-    else:
-        micro_batches, probe = choose_micro_batches(cfg, comm, meta, min(batch, max_local),
-                                                    backend.gpu)
-        micro_batches = world.bcast(micro_batches, root=0)   # one count for every replica
-    mode = "overlapped" if cfg.pipeline.overlap else "blocking"
-    say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "
-               f"micro-batch(es), {mode} exchange")
-
     moe_layers = list(meta.moe_layers)
     tel = Telemetry(meta.num_layers, len(moe_layers), comm.size, meta.num_experts)
-    routing = None
-    if cfg.run.save_routing:
-        routing = {m: (np.full((num_local, meta.top_k), -1, np.int32),
-                       np.full((num_local, meta.top_k), -1, np.int32))
-                   for m in range(len(moe_layers))}
     balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
+    # the micro-batch count: the checkpoint's (the same arithmetic), the config's, or timed
+    micro_batches = resumed_micro or cfg.pipeline.micro_batches or \
+        (0 if cfg.pipeline.overlap else 1)
+    chunk, gemm_rates = cfg.pipeline.chunk_rows, {}
+    if not chunk and not backend.gpu and cfg.pipeline.overlap and micro_batches != 1:
+        chunk, gemm_rates = tune.chunk_rows(meta, world)
     ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, balancer.bias,
-                  tel, WatchedScheduler(tel), backend, routing, cfg.balance.capacity_factor,
-                  cfg.balance.overflow == "reroute")
+                  tel, WatchedScheduler(tel), backend, None, cfg.balance.capacity_factor,
+                  cfg.balance.overflow == "reroute", chunk_rows=chunk)
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
-    hidden = np.empty((num_local, meta.hidden_size), dtype=np.float32)
-    if done:
-        ckpt.restore(done, hidden, routing, tel, history, balancer.bias)
-        say(world, f"resuming from checkpoint {cfg.run.checkpoint}: {done} of {num_batches} "
-                   "batch(es) already done")
-    exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
-                            blocking=not cfg.pipeline.overlap, backend=backend)
-                  for _ in range(micro_batches)]
-    watchdog = Watchdog(world, ctx.scheduler, cfg.pipeline.stall_timeout)
-    ctx.on_layer_done = watchdog.progress(progress)
+    final_norm = None if weights.final_norm is None else backend.to_host(weights.final_norm)
+    output = parallel.agree(world, OutputFile, world, cfg.run.output, cfg.run.overwrite, meta,
+                            setup.num_tokens, start, final_norm, cfg.run.save_routing)
+    exchangers = []
     try:
+        if done:
+            ckpt.restore(done, output, cfg.run.save_routing, tel, history, balancer.bias)
+            say(world, f"resuming from checkpoint {cfg.run.checkpoint}: {done} of "
+                       f"{num_batches} batch(es) already done")
+        counts = [micro_batches] if micro_batches else \
+            tune.candidates(min(batch, max_local), cfg.pipeline.max_micro_batches)
+        exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
+                                blocking=not cfg.pipeline.overlap, backend=backend)
+                      for _ in range(max(counts))]
+        trials, micro_batches = {}, counts[0]
+        if len(counts) > 1:
+            lo, hi = min(done * batch, num_local), min((done + 1) * batch, num_local)
+            x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
+            trials = tune.time_micro_batches(world, ctx, exchangers, x, counts)
+            micro_batches = min(trials, key=trials.get)
+            say(world, "micro-batch count timed on the first batch (" + ", ".join(
+                f"{m}: {s * 1e3:.1f} ms" for m, s in trials.items()) + f" for "
+                f"{tune.TRIAL_LAYERS} MoE layers): {micro_batches}")
+        for ex in exchangers[micro_batches:]:
+            ex.close()
+        del exchangers[micro_batches:]
+        mode = "overlapped" if cfg.pipeline.overlap else "blocking"
+        say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "
+                   f"micro-batch(es), {mode} exchange" + (f", expert GEMMs in chunks of {chunk} "
+                                                         "rows while exchanges are in flight"
+                                                         if chunk else ""))
+        watchdog = Watchdog(world, ctx.scheduler, cfg.pipeline.stall_timeout)
+        ctx.on_layer_done = watchdog.progress(progress)
         t = last_report = time.perf_counter()
         for b in range(done, num_batches):
             watchdog.new_batch(b)
@@ -280,44 +238,58 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             history["bias"].append(balancer.bias.copy())
             if progress:
                 progress.new_batch(b, micro_batches)
+            if cfg.run.save_routing:     # this batch's routing, filled by the forward pass
+                ctx.routing = {m: (np.full((hi - lo, meta.top_k), -1, np.int32),
+                                   np.full((hi - lo, meta.top_k), -1, np.int32))
+                               for m in range(len(moe_layers))}
             x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
-            hidden[lo:hi] = run_batch(ctx, exchangers, x, lo, b)
+            rows = run_batch(ctx, exchangers, x, 0, b)
             load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
             history["tokens_per_expert"].append(load)
             balancer.update(load)
             if ckpt:
-                ckpt.save(b, micro_batches, hidden[lo:hi], lo, routing, tel, history,
-                          balancer.bias)
+                ckpt.save(b, micro_batches, rows, lo, ctx.routing, tel, history, balancer.bias)
+            output.batch(lo, rows, ctx.routing)
             now = time.perf_counter()
             if now - last_report > 2 or b == num_batches - 1:
                 say(world, f"batch {b + 1}/{num_batches} done, {now - t:.1f} s")
                 last_report = now
         forward_s = time.perf_counter() - t
         watchdog.close()
-        if weights.final_norm is not None:
-            hidden = rmsnorm(hidden, backend.to_host(weights.final_norm), meta.norm_eps)
         pure_comm = np.zeros(meta.num_layers)
         if cfg.pipeline.measure_pure_comm:
             for m, layer in enumerate(moe_layers):
                 pure_comm[layer] = exchangers[0].replay(tel.exchanges_of(m))
+        for ex in exchangers:
+            ex.close()
+        exchangers = []
+
+        elapsed = world.allreduce(forward_s, op=MPI.MAX)
+        peak = world.allreduce(peak_host_bytes(), op=MPI.MAX)
+        say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens * (num_batches - done) / num_batches / max(elapsed, 1e-9):,.0f} tokens/s; "
+                   f"peak host memory {peak / 2**20:,.0f} MiB (the largest rank)")
+        attrs = dict(
+            format="moempi-output", version=1, moempi_version=__version__,
+            config=cfg.to_dict(), world_size=world.size, ep=layout.ep, dp=layout.dp,
+            placement=placement.to_dict(), model_meta=dataclasses.asdict(meta),
+            micro_batches=micro_batches, batch_tokens=batch, resumed_from_batch=done,
+            tuning={"micro_batch_seconds": {str(m): t for m, t in trials.items()},
+                    "trial_moe_layers": tune.TRIAL_LAYERS if trials else 0,
+                    "chunk_rows": chunk,
+                    "gemm_flops_by_rows": {str(r): f for r, f in gemm_rates.items()}},
+            versions=versions(), command_line=command_line, devices=devices,
+            forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
+        if cfg.balance.enabled:
+            vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
+            say(world, f"load balancing: MaxVio (mean over layers) first batch {vio[0]:.3f}, "
+                       f"last batch {vio[-1]:.3f}")
+        output.finish(attrs, tel, pure_comm, history)
+    except BaseException:
+        output.discard()
+        raise
     finally:
         for ex in exchangers:
             ex.close()
-
-    elapsed = world.allreduce(forward_s, op=MPI.MAX)
-    say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens * (num_batches - done) / num_batches / max(elapsed, 1e-9):,.0f} tokens/s")
-    attrs = dict(
-        format="moempi-output", version=1, moempi_version=__version__,
-        config=cfg.to_dict(), world_size=world.size, ep=layout.ep, dp=layout.dp,
-        placement=placement.to_dict(), model_meta=dataclasses.asdict(meta),
-        micro_batches=micro_batches, batch_tokens=batch, resumed_from_batch=done,
-        probe=probe, versions=versions(), command_line=command_line, devices=devices,
-        forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
-    if cfg.balance.enabled:
-        vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
-        say(world, f"load balancing: MaxVio (mean over layers) first batch {vio[0]:.3f}, "
-                   f"last batch {vio[-1]:.3f}")
-    write_output(world, cfg, meta, attrs, hidden, tel, pure_comm, routing, history)
     if ckpt:
         ckpt.remove()
     layout.free()
@@ -330,111 +302,3 @@ def already_complete(cfg: Config) -> bool:
     if not cfg.run.checkpoint or cfg.run.overwrite or not os.path.exists(cfg.run.output):
         return False
     return checkpoint_complete(cfg.run.checkpoint)
-
-
-def overlap_percent(overall, compute, pure_comm):
-    """OSU definition: ``max(0, 100 (1 - (overall - compute) / pure_comm))``; NaN without comm."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pct = 100.0 * (1.0 - (overall - compute) / pure_comm)
-    return np.where(pure_comm > 0, np.maximum(pct, 0.0), np.nan)
-
-
-def write_output(world, cfg: Config, meta: ModelMeta, attrs: dict, hidden: np.ndarray,
-                 tel: Telemetry, pure_comm: np.ndarray, routing, history: dict) -> None:
-    """Gather everything to rank 0 and write the output file (complete or absent)."""
-    seconds = {name: parallel.gather_stack(world, tel.seconds[name]) for name in TIMINGS}
-    pure = parallel.gather_stack(world, pure_comm)
-    traffic = parallel.gather_stack(world, tel.traffic)             # [P, L_moe, ep]
-    tokens_per_expert = parallel.sum_to_all(world, tel.tokens_per_expert)
-    rows = parallel.gather_stack(world, tel.rows_computed)          # [P, L_moe]
-    rerouted = parallel.sum_to_all(world, tel.rerouted)
-    dropped = parallel.sum_to_all(world, tel.dropped)
-    writer = None
-    if world.rank == 0:
-        writer = hdf5.OutputWriter(cfg.run.output, cfg.run.overwrite)
-    try:
-        if writer:
-            writer.attrs(**attrs)
-        _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_expert, rows,
-                   routing)
-        if writer:
-            loads = np.stack(history["tokens_per_expert"])            # [B, L_moe, E]
-            writer.array("axes/batch", np.arange(len(loads)), scale="batch",
-                         description="batch index (pipeline.batch_tokens per rank each)")
-            writer.array("balance/bias", np.stack(history["bias"]),
-                         dims="batch, moe layer, expert", note="bias used for each batch")
-            writer.array("balance/tokens_per_expert", loads, dims="batch, moe layer, expert")
-            writer.array("balance/max_violation", max_violation(loads), dims="batch, moe layer",
-                         definition="max(load) / mean(load) - 1")
-            writer.array("stats/rerouted", rerouted, dims="moe layer")
-            writer.array("stats/dropped", dropped, dims="moe layer")
-            writer.commit()
-    except BaseException:
-        if writer:
-            writer.discard()
-        raise
-
-
-def _write_all(world, writer, meta, hidden, seconds, pure, traffic, tokens_per_expert, rows,
-               routing) -> None:
-    num_tokens = world.allreduce(len(hidden))
-    starts = [start for start, _ in split_rows(num_tokens, world.size)]
-    ds = writer.dataset("hidden", (num_tokens, meta.hidden_size), "f4", dims="token, hidden",
-                        description="the stack's output (after the final norm, if the model has "
-                                    "one), rows in the input token order", units="as /tokens"
-                        ) if writer else None
-    parallel.stream_rows_to_dataset(world, hidden, ds, starts)
-    if routing is not None:
-        home = np.full(len(hidden), world.rank, dtype=np.int32)
-        hds = writer.dataset("routing/home_rank", (num_tokens,), "i4", dims="token",
-                             description="the rank that owned the token") if writer else None
-        parallel.stream_rows_to_dataset(world, home, hds, starts)
-        for m, layer in enumerate(meta.moe_layers):
-            for name, arr in zip(("topk_idx", "dest_rank"), routing[m]):
-                rds = (writer.dataset(f"routing/{layer:03d}/{name}", (num_tokens, meta.top_k),
-                                      "i4", dims="token, k") if writer else None)
-                parallel.stream_rows_to_dataset(world, arr, rds, starts)
-    if not writer:
-        return
-    P = world.size
-    writer.array("axes/layer", np.arange(meta.num_layers), scale="layer",
-                 description=f"layer index; layers 0..{meta.num_dense_layers - 1} are dense")
-    writer.array("axes/rank", np.arange(P), scale="rank", description="MPI world rank")
-    writer.array("axes/expert", np.arange(meta.num_experts), scale="expert",
-                 description="expert index within a MoE layer")
-    for name, data in seconds.items():
-        writer.array(f"timings/{name}", data, units="s", dims="rank, layer",
-                     description=TIMING_MEANING[name])
-    busy, wait, compute = seconds["busy"], seconds["wait"], seconds["compute"]
-    overall = busy + wait
-    writer.array("timings/overall", overall, units="s", dims="rank, layer",
-                 description=TIMING_MEANING["overall"])
-    writer.array("timings/pure_comm", pure, units="s", dims="rank, layer",
-                 description=TIMING_MEANING["pure_comm"])
-    writer.array("timings/overlap", overlap_percent(overall, compute, pure), units="%",
-                 dims="rank, layer",
-                 definition="max(0, 100 * (1 - (overall - compute) / pure_comm))")
-    moe = np.array(list(meta.moe_layers), dtype=np.int32)
-    writer.array("stats/moe_layers", moe, scale="moe layer",
-                 description="the layer index of each MoE layer (the moe layer axis)")
-    writer.array("stats/tokens_per_expert", tokens_per_expert, dims="moe layer, expert",
-                 units="(token, expert) pairs", description="pairs routed to each expert")
-    writer.array("stats/tokens_per_rank", rows.T.copy(), dims="moe layer, rank",
-                 units="rows", description="rows each rank's experts computed")
-    # traffic: rows each rank sent to each rank of its expert group, as world ranks
-    ep = traffic.shape[2]
-    full = np.zeros((len(moe), P, P), dtype=np.int64)
-    for src in range(P):
-        base = (src // ep) * ep
-        full[:, src, base:base + ep] = traffic[src]
-    writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank",
-                 units="rows", description="rows each rank sent to each rank")
-
-
-def versions() -> dict:
-    import h5py
-    import mpi4py
-    return {"moempi": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
-            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
-            "mpi4py": mpi4py.__version__,
-            "mpi": MPI.Get_library_version().splitlines()[0].strip()}
