@@ -216,7 +216,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             lo, hi = min(done * batch, num_local), min((done + 1) * batch, num_local)
             x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
             trials = tune.time_micro_batches(world, ctx, exchangers, x, counts)
-            micro_batches = min(trials, key=trials.get)
+            micro_batches = tune.fastest(trials)
             say(world, "micro-batch count timed on the first batch (" + ", ".join(
                 f"{m}: {s * 1e3:.1f} ms" for m, s in trials.items()) + f" for "
                 f"{tune.TRIAL_LAYERS} MoE layers): {micro_batches}")
