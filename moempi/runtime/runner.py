@@ -227,7 +227,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "
                    f"micro-batch(es), {mode} exchange" + (f", expert GEMMs in chunks of {chunk} "
                                                          "rows while exchanges are in flight"
-                                                         if chunk else ""))
+                                                         if chunk and micro_batches > 1
+                                                         else ""))
         watchdog = Watchdog(world, ctx.scheduler, cfg.pipeline.stall_timeout)
         ctx.on_layer_done = watchdog.progress(progress)
         t = last_report = time.perf_counter()
