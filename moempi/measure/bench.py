@@ -71,10 +71,8 @@ def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
     0 without ``replay``)."""
     meta = weights.meta
     moe = len(meta.moe_layers)
-    tel = Telemetry(meta.num_layers, moe, comm.size, meta.num_experts)
-    bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
-    ctx = Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HostBackend(),
-                  chunk_rows=chunk_rows)
+    ctx = _context(comm, weights, placement, chunk_rows)
+    tel = ctx.telemetry
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
                             blocking=not overlap) for _ in range(micro_batches)]
     try:
@@ -88,6 +86,15 @@ def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
         for ex in exchangers:
             ex.close()
     return comm.allreduce(elapsed, op=MPI.MAX), tel, comm.allreduce(pure, op=MPI.MAX)
+
+
+def _context(comm, weights, placement, chunk_rows: int = 0) -> Context:
+    """A fresh context for one pass of the synthetic stack on the host (no balancing bias)."""
+    meta = weights.meta
+    tel = Telemetry(meta.num_layers, len(meta.moe_layers), comm.size, meta.num_experts)
+    bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
+    return Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HostBackend(),
+                   chunk_rows=chunk_rows)
 
 
 def plain_gemm_flops(hidden: int, ffn: int, rows: int, repeats: int = 3) -> float:
@@ -130,7 +137,7 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
     meta = weights.meta
     layer = weights.layers[0]
     from moempi.model.gating import gate_probs, route
-    topk_idx, weights = route(gate_probs(x, layer.gate), meta.top_k)
+    topk_idx, topk_weights = route(gate_probs(x, layer.gate), meta.top_k)
     dest = assign_replicas(topk_idx, *placement.replica_table(layer.index, comm.rank), comm.rank)
     residual = x.copy()
     ex = Exchanger(comm, meta.hidden_size, meta.num_experts, precision, blocking=True)
@@ -153,7 +160,7 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
             comm.Barrier()
             t = time.perf_counter()
             back = drive(ex.combine(plan, y))
-            ex.add_weighted(residual, back, plan, weights)     # the rows back into the tokens
+            ex.add_weighted(residual, back, plan, topk_weights)  # the rows back into the tokens
             ours = min(ours, dispatch_s + time.perf_counter() - t)
             comm.Barrier()
             t = time.perf_counter()
@@ -215,10 +222,7 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
             t, tel, _ = forward(comm, weights, placement, x, m, True, chunk_rows=chunk,
                                 replay=False)
             fixed[m] = min(fixed[m], t)
-    tel_ = Telemetry(meta.num_layers, len(meta.moe_layers), comm.size, meta.num_experts)
-    bias = np.zeros((len(meta.moe_layers), meta.num_experts), np.float32)
-    ctx = Context(weights, placement, comm.rank, 0, bias, tel_, Scheduler(tel_), HostBackend(),
-                  chunk_rows=chunk)
+    ctx = _context(comm, weights, placement, chunk)
     exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, "fp32")
                   for _ in range(max(counts))]
     try:

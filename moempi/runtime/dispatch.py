@@ -327,32 +327,7 @@ def probe_network(comm: MPI.Comm, hidden: int, wire_bytes: int, rows: int = 256,
     extra_bytes = (rows - 1) * hidden * wire_bytes * max(1, size - 1)
     # the extra bytes over the extra time, unless the large exchange took barely longer than
     # the small one (timer noise then gave figures like 783 TB/s): then the bytes over the
-    # whole time, a lower bound
-    # (the large exchange's time, at least the small one's: noise can make it the faster)
+    # whole time (at least the small exchange's, which noise can make the slower), a lower bound
     spread = best[1] - best[0]
     bandwidth = extra_bytes / (spread if spread > best[1] / 2 else max(best))
     return comm.bcast((latency, bandwidth), root=0)
-
-
-def probe_exchange_step(comm: MPI.Comm, hidden: int, num_experts: int, precision: str,
-                        top_k: int, repeats: int = 5) -> float:
-    """Seconds of one empty micro-batch exchange (counts, dispatch, combine) through this
-    module's own code: the fixed cost a micro-batch pays per MoE layer, whatever its size.
-
-    On a loaded or oversubscribed host this is far more than the network's latency, and it
-    is what makes many small micro-batches a loss.  The slowest rank's figure, on every rank.
-    """
-    ex = Exchanger(comm, hidden, num_experts, precision, blocking=True)
-    empty = np.zeros((0, top_k), dtype=np.int32)
-    best = float("inf")
-    try:
-        for _ in range(repeats):
-            comm.Barrier()
-            t = time.perf_counter()
-            plan = drive(ex.plan(empty, empty, []))
-            recv = drive(ex.dispatch(plan, np.zeros((0, hidden), np.float32)))
-            drive(ex.combine(plan, recv))
-            best = min(best, time.perf_counter() - t)
-    finally:
-        ex.close()
-    return comm.allreduce(best, op=MPI.MAX)

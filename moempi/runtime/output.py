@@ -1,10 +1,10 @@
-"""The `moempi run` output file, written batch by batch (docs/design.md §2.6).
+"""The `moempi run` output file, written batch by batch (docs/design.md §2.3).
 
 Rank 0 opens the file under a temporary name before the forward pass.  After each batch
 every rank's rows of that batch (after the final norm) and, when saved, their routing go
 straight into it, so no rank holds more than one batch of output and ``pipeline.batch_tokens``
 bounds the host memory of the whole run.  A resumed run copies the batches its checkpoint
-holds first.  The timings, counters and attributes follow at the end; :meth:`OutputFile.commit`
+holds first.  The timings, counters and attributes follow at the end; :meth:`OutputFile.finish`
 publishes the file, :meth:`OutputFile.discard` (or any failure or signal) removes it, so an
 output file is complete or absent.
 """
@@ -28,7 +28,7 @@ from moempi.runtime.pipeline import TIMINGS
 TIMING_MEANING = {
     "gate": "norm, gating and routing", "dispatch": "dispatch exchanges, posting to completion",
     "expert": "expert MLP compute (the dense MLP in dense layers)",
-    "pack": "gathering, BF16 rounding and un-permuting exchange buffers",
+    "pack": "gathering, BF16 rounding and widening exchange buffers",
     "compute": "all local work of the layer (everything but MPI calls and waiting)",
     "combine": "combine exchanges, posting to completion",
     "wait": "time blocked waiting for the layer's exchanges",

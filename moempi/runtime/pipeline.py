@@ -35,7 +35,7 @@ from moempi.place.placement import Placement, assign_replicas
 
 # gate: norm + gating + routing; dispatch/combine: exchange time from posting to completion;
 # expert: MLP compute (the dense MLP in dense layers); pack: gathering, BF16 rounding and
-# un-permuting exchange buffers; compute: all local work of the layer (gate + expert + pack
+# widening exchange buffers; compute: all local work of the layer (gate + expert + pack
 # + the weighted sum), i.e. everything but MPI calls and waiting; wait: time blocked for the
 # layer's exchanges; busy: time running the layer's code (MPI calls included).
 # A rank's wall time is the sum over layers of busy + wait.

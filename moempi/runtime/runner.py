@@ -186,11 +186,13 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     moe_layers = list(meta.moe_layers)
     tel = Telemetry(meta.num_layers, len(moe_layers), comm.size, meta.num_experts)
     balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
-    # the micro-batch count: the checkpoint's (the same arithmetic), the config's, or timed
-    micro_batches = resumed_micro or cfg.pipeline.micro_batches or \
-        (0 if cfg.pipeline.overlap else 1)
+    # the micro-batch count: the checkpoint's (the same arithmetic), the config's, 1 without
+    # overlap, or timed over these candidates
+    given = resumed_micro or cfg.pipeline.micro_batches or (0 if cfg.pipeline.overlap else 1)
+    counts = [given] if given else \
+        tune.candidates(min(batch, max_local), cfg.pipeline.max_micro_batches)
     chunk, gemm_rates = cfg.pipeline.chunk_rows, {}
-    if not chunk and not backend.gpu and cfg.pipeline.overlap and micro_batches != 1:
+    if not chunk and not backend.gpu and cfg.pipeline.overlap and counts != [1]:
         chunk, gemm_rates = tune.chunk_rows(meta, world)
     ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, balancer.bias,
                   tel, WatchedScheduler(tel), backend, None, cfg.balance.capacity_factor,
@@ -206,16 +208,15 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             ckpt.restore(done, output, cfg.run.save_routing, tel, history, balancer.bias)
             say(world, f"resuming from checkpoint {cfg.run.checkpoint}: {done} of "
                        f"{num_batches} batch(es) already done")
-        counts = [micro_batches] if micro_batches else \
-            tune.candidates(min(batch, max_local), cfg.pipeline.max_micro_batches)
         exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
                                 blocking=not cfg.pipeline.overlap, backend=backend)
                       for _ in range(max(counts))]
-        trials, micro_batches = {}, counts[0]
-        if len(counts) > 1:
+        trials, micro_batches, first = {}, counts[0], None
+        if len(counts) > 1:          # timed on the first batch's tokens, kept for its pass
             lo, hi = min(done * batch, num_local), min((done + 1) * batch, num_local)
-            x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
-            trials = tune.time_micro_batches(world, ctx, exchangers, x, counts)
+            first = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo,
+                                   start + hi)
+            trials = tune.time_micro_batches(world, ctx, exchangers, first, counts)
             micro_batches = tune.fastest(trials)
             say(world, "micro-batch count timed on the first batch (" + ", ".join(
                 f"{m}: {s * 1e3:.1f} ms" for m, s in trials.items()) + f" for "
@@ -243,7 +244,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                 ctx.routing = {m: (np.full((hi - lo, meta.top_k), -1, np.int32),
                                    np.full((hi - lo, meta.top_k), -1, np.int32))
                                for m in range(len(moe_layers))}
-            x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
+            x = first if first is not None else \
+                parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
+            first = None
             rows = run_batch(ctx, exchangers, x, 0, b)
             load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
             history["tokens_per_expert"].append(load)
