@@ -233,8 +233,9 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
     auto = tune.fastest(trials)
     best = min(fixed, key=fixed.get)
     rows = int(tel.rows_computed.sum())                   # this rank's expert rows, all layers
+    comm.Barrier()                  # every rank's GEMM at once, as in the layer (best of 5)
     floor = 4.0 * rows * meta.hidden_size * meta.moe_ffn_size / plain_gemm_flops(
-        meta.hidden_size, meta.moe_ffn_size, max(1, rows // shape.layers))
+        meta.hidden_size, meta.moe_ffn_size, max(1, rows // shape.layers), repeats=5)
     floor = comm.allreduce(floor, op=MPI.MAX)
     result = {"fixed_s": fixed, "auto": auto, "best": best, "chunk_rows": chunk,
               "auto_vs_best": fixed[auto] / fixed[best],

@@ -110,8 +110,9 @@ class HostBackend:
         """A :class:`Ready` covering all work issued so far, or None when all is done."""
         return None
 
-    def mlp(self, h, w_in, w_out, activation: str):
-        return mlp(h, w_in, w_out, activation)
+    def mlp(self, h, w_in, w_out, activation: str, out=None):
+        """The expert MLP, into ``out`` (a contiguous block of the output) when given."""
+        return mlp(h, w_in, w_out, activation, out)
 
     def pack(self, rows_of, idx, out, bf16: bool):
         """Gather ``rows_of[idx]`` into the send buffer ``out`` (BF16-rounded if asked)."""
@@ -198,7 +199,8 @@ class DeviceBackend(HostBackend):
     def fence(self):
         return Ready(self.stream.record())
 
-    def mlp(self, h, w_in, w_out, activation: str):
+    def mlp(self, h, w_in, w_out, activation: str, out=None):
+        """The expert MLP on the stream (``out`` is for the host's; the caller stores)."""
         self._on_stream()
         if h.dtype == BF16 and w_in.dtype == BF16:
             return mlp_bf16(h, w_in, w_out, self._activation(activation))

@@ -300,9 +300,14 @@ class MicroBatch:
             while done < n:
                 left = n - done
                 take = chunk if chunk and left >= 2 * chunk and scheduler.poll() else left
-                part = slice(first + done, first + done + take) if isinstance(rows, slice) \
-                    else rows[done:done + take]
-                y[part] = backend.mlp(recv[part], w_in, w_out, meta.activation)
+                if isinstance(rows, slice):      # a block of y: the GEMM writes it in place
+                    part = slice(first + done, first + done + take)
+                    out = y[part] if not backend.gpu else None
+                else:
+                    part, out = rows[done:done + take], None
+                result = backend.mlp(recv[part], w_in, w_out, meta.activation, out)
+                if result is not out:
+                    y[part] = result
                 done += take
             scheduler.poll()
         self._compute(layer.index, start, "expert")
