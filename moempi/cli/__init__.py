@@ -155,7 +155,11 @@ def _check_new_file(out: str, overwrite: bool) -> None:
 @click.option("--placement", help="Placement JSON (run.placement); default: docs/design.md §2.4 rule.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),
               help="fp32: exact mode; bf16: BF16 on the wire, float32 accumulation.")
-@click.option("--micro-batches", type=int, help="Micro-batches in flight (0 = choose from a probe).")
+@click.option("--micro-batches", type=int,
+              help="Micro-batches in flight (0 = the fastest, timed at start-up).")
+@click.option("--weights", type=click.Choice(["each", "rank0"]),
+              help="each: every rank reads its own slabs (the model file on every node); "
+                   "rank0: only rank 0 opens it and sends each rank its share (run.weights).")
 @click.option("--overlap/--no-overlap", default=None,
               help="Overlap the exchange with compute (default) or use blocking Alltoallv.")
 @click.option("--save-routing", is_flag=True, default=None, help="Write /routing for `moempi place`.")
@@ -164,13 +168,15 @@ def _check_new_file(out: str, overwrite: bool) -> None:
               "each batch (pipeline.batch_tokens) and a restarted job resumes from it.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set pipeline.batch_tokens=1024 (repeatable).")
-def run(config, model, tokens, output, placement, precision, micro_batches, overlap,
+def run(config, model, tokens, output, placement, precision, micro_batches, weights, overlap,
         save_routing, overwrite, checkpoint, sets):
     """Run the forward pass as an MPI job:  mpiexec -n P moempi run [CONFIG.toml] [options].
 
     Settings come from CONFIG (TOML, see input/), then --set, then the named flags. Rank 0
     validates config, placement and model and broadcasts them; each rank reads only the
-    expert slabs it hosts; any rank's failure ends the whole job with a message.
+    expert slabs it hosts (or, with --weights rank0, rank 0 reads them all and sends them);
+    with data-parallel replicas their copies are compared before any compute; any rank's
+    failure ends the whole job with a message.
     {job} in --output/--checkpoint becomes the Slurm job id (JOB_TASK in an array), or
     "local"; an existing output is never replaced without --overwrite.
     """
@@ -193,7 +199,7 @@ def run(config, model, tokens, output, placement, precision, micro_batches, over
                  "run.placement": placement, "run.precision": precision,
                  "pipeline.micro_batches": micro_batches, "pipeline.overlap": overlap,
                  "run.save_routing": save_routing, "run.overwrite": overwrite,
-                 "run.checkpoint": checkpoint}
+                 "run.checkpoint": checkpoint, "run.weights": weights}
         overrides.update({k: v for k, v in flags.items() if v is not None})
         cfg = parallel.root_call(world, lambda: expand_names(load_config(config, overrides)))
         run_job(world, cfg, shlex.join(sys.argv))
@@ -212,7 +218,9 @@ def _end_job(world, exc: BaseException) -> None:
         # e.g. a peer gone from an exchange, is no news
         threading.Event().wait()
     if isinstance(exc, CollectiveError):
-        # every rank raised it together: rank 0 says it once, all exit non-zero
+        # every rank raised it together: rank 0 says it once, all exit non-zero (the signal
+        # relay's receive cancelled first, or UCX reports it at exit: 3 more lines per rank)
+        signals.close()
         if world.rank == 0:
             click.echo(f"moempi: error: {exc}", err=True)
         sys.exit(1)

@@ -30,6 +30,8 @@ class RunSection:
     host_memory_gb: float = 0.0      # host memory per rank for the start-up check; 0 = the
                                      # node's available memory shared by its ranks
     overwrite: bool = False          # replace an existing output file
+    weights: str = "each"            # "each": every rank reads its own slabs (the file on every
+                                     # node); "rank0": rank 0 reads the model and sends each slab
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class Config:
             raise MoempiError("config: run.gpu_memory_gb and host_memory_gb must be >= 0")
         if r.precision not in ("fp32", "bf16"):
             raise MoempiError(f"config: run.precision must be fp32 or bf16, not {r.precision!r}")
+        if r.weights not in ("each", "rank0"):
+            raise MoempiError(f"config: run.weights must be each or rank0, not {r.weights!r}")
         if p.ep < 0 or p.tp < 1 or p.dp < 1:
             raise MoempiError("config: parallel.ep must be >= 0, tp and dp >= 1")
         if pl.stall_timeout < 0:

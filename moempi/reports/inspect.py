@@ -17,6 +17,21 @@ def _json_attr(f, name, default=None):
     return json.loads(value)
 
 
+def layout_line(f, cfg: dict) -> str:
+    """How the world was laid out and the weights loaded, for the summary."""
+    ep, dp = int(f.attrs["ep"]), int(f.attrs["dp"])
+    groups = "; ".join(f"replica {d}: ranks {d * ep}-{d * ep + ep - 1}" for d in range(dp))
+    weights = cfg.get("run", {}).get("weights", "each")
+    loaded = "read by rank 0 and sent" if weights == "rank0" else "each rank reading its own"
+    line = (f"layout: ep {ep} x dp {dp} ({groups}); weights {loaded} in "
+            f"{float(f.attrs.get('weights_seconds', float('nan'))):.2f} s")
+    check = _json_attr(f, "replica_check", {})
+    if check:
+        line += (f"; replicas verified: {check['arrays']} arrays per rank equal across "
+                 f"replicas (CRC-32)")
+    return line
+
+
 def summarise(path: str, echo=print) -> None:
     """Print the run's configuration, per-layer expert load, timing breakdown and overlap."""
     with open_h5(path, "output") as f:
@@ -30,6 +45,7 @@ def summarise(path: str, echo=print) -> None:
              f"precision {cfg.get('run', {}).get('precision')}, "
              f"{int(f.attrs['micro_batches'])} micro-batch(es), "
              f"{'overlapped' if cfg.get('pipeline', {}).get('overlap') else 'blocking'}")
+        echo(layout_line(f, cfg))
         echo(f"command: {f.attrs['command_line']}")
         echo(f"forward: {f.attrs['forward_seconds']:.3f} s "
              f"({f['hidden'].shape[0] / f.attrs['forward_seconds']:,.0f} tokens/s)")

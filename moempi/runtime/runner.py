@@ -27,7 +27,7 @@ from moempi.runtime.heap import keep_freed_memory
 from moempi.runtime.output import OutputFile, peak_host_bytes, versions
 from moempi.runtime.pipeline import Context, Telemetry, run_batch, split_rows
 from moempi.runtime.stall import WatchedScheduler, Watchdog
-from moempi.runtime.weights import load_weights
+from moempi.runtime.weights import compare_replicas, load_weights, load_weights_from_root
 
 
 def say(comm: MPI.Comm, msg: str) -> None:
@@ -170,10 +170,27 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     expert_to_device = None
     if backend.gpu and cfg.run.precision == "bf16":      # BF16 tensor-core GEMMs
         expert_to_device = lambda w: backend.to_device(w, ml_dtypes.bfloat16)  # noqa: E731
-    weights = parallel.agree(world, load_weights, cfg.run.model, meta, placement, layout.ep_rank,
-                             backend.to_device, expert_to_device)
-    say(world, f"loaded weights in {time.perf_counter() - t:.1f} s "
-               f"({weights.nbytes / 2**20:.1f} MiB on rank 0)")
+    check = layout.dp > 1              # replicas: compare what each holds before any compute
+    if cfg.run.weights == "rank0":
+        weights, sums = parallel.agree(world, load_weights_from_root, world, cfg.run.model,
+                                       meta, placement, layout.ep, backend.to_device,
+                                       expert_to_device, check)
+    else:
+        weights, sums = parallel.agree(world, load_weights, cfg.run.model, meta, placement,
+                                       layout.ep_rank, backend.to_device, expert_to_device,
+                                       check)
+    load_s = time.perf_counter() - t
+    say(world, f"loaded weights in {load_s:.1f} s ({weights.nbytes / 2**20:.1f} MiB on rank 0, "
+               + ("read by rank 0 and sent)" if cfg.run.weights == "rank0" else
+                  "each rank reading its own)"))
+    replica_check = {}
+    if check:
+        mismatch = compare_replicas(world, sums)
+        parallel.root_call(world, _refuse, mismatch)
+        seconds = world.allreduce(sums["seconds"], op=MPI.MAX) + time.perf_counter() - t - load_s
+        replica_check = {"arrays": len(sums["arrays"]), "seconds": seconds}
+        say(world, f"replicas verified: every rank's {len(sums['arrays'])} arrays match their "
+                   f"copies in the other {layout.dp - 1} replica(s) (CRC-32, {seconds:.2f} s)")
 
     # batches: the balancing and checkpoint step; the same count on every rank
     num_batches = max(1, -(-max_local // batch))
@@ -277,6 +294,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             config=cfg.to_dict(), world_size=world.size, ep=layout.ep, dp=layout.dp,
             placement=placement.to_dict(), model_meta=dataclasses.asdict(meta),
             micro_batches=micro_batches, batch_tokens=batch, resumed_from_batch=done,
+            weights_seconds=load_s, replica_check=replica_check,
             tuning={"micro_batch_seconds": {str(m): t for m, t in trials.items()},
                     "trial_moe_layers": tune.TRIAL_LAYERS if trials else 0,
                     "chunk_rows": chunk,
@@ -299,6 +317,11 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     layout.free()
     say(world, f"wrote {cfg.run.output}")
     return cfg.run.output
+
+
+def _refuse(mismatch: str | None) -> None:
+    if mismatch:
+        raise MoempiError(mismatch)
 
 
 def already_complete(cfg: Config) -> bool:
