@@ -275,7 +275,7 @@ def inspect(output, plot_dir):
 
 @cli.command("bench")
 @click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "micro",
-                                           "calibrate", "place", "gpu", "balance"]),
+                                           "tp", "calibrate", "place", "gpu", "balance"]),
                 default="all")
 @click.option("--backend", type=click.Choice(["cupy", "standin"]), default="cupy",
               show_default=True, help="For `gpu`: the GPU backend (standin: CuPy code on numpy).")
@@ -300,6 +300,9 @@ def bench(what, tokens, layers, micro_batches, calibration, add, quick, backend)
     micro      the start-up choice of the micro-batch count vs every fixed count, and one MoE
                layer's time over the plain-GEMM floor, at H 7168 / F 2048 / 256 tokens per
                rank and H 1024 / F 256 / 4096 tokens per rank (2 experts per layer)
+    tp         where tensor-parallel partial outputs are summed: the extra partial rows of
+               the combine (implemented) vs an Allreduce in the tensor-parallel group
+               (run it at 4 ranks: mpiexec -n 4 moempi bench tp)
     calibrate  this machine for `plan --hardware`, in a fresh process: GEMM and weight-read
                rates, Alltoallv latency and bandwidth, the runner's per-token, per-micro-batch,
                dense-layer and first-pass costs, fitted on runs of the real runner (H 768,
@@ -337,6 +340,9 @@ def _bench(world, what, tokens, layers, micro_batches, calibration, add, quick, 
 
     if what == "balance":
         b.bench_balance(world, echo, quick)
+        return
+    if what == "tp":
+        b.bench_tp_sum(world, echo, hidden=512 if quick else 7168, tokens=tokens)
         return
     if what == "gpu":
         echo("| measure | figure | against | |\n| --- | --- | --- | --- |")

@@ -191,14 +191,19 @@ class ModelReader:
             raise MoempiError(f"{self.path}: cannot read /{name} (truncated file?): "
                               f"{str(exc).splitlines()[0]}") from None
         if not np.isfinite(data).all():
-            where = f"[{sel}]" if sel != () else ""
+            where = f"[{sel}]" if isinstance(sel, int) else f"[{sel[0]}]" if sel != () else ""
             raise MoempiError(f"{self.path}: /{name}{where} contains NaN or Inf")
         return data
 
-    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """One expert's ``w_in`` `[H, F]` and ``w_out`` `[F, H]`, float32."""
+    def expert(self, layer: int, e: int, cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """One expert's ``w_in[:, cols]`` `[H, F']` and ``w_out[cols, :]`` `[F', H]`, float32:
+        the whole expert, or (tensor parallelism) one shard of its hidden dimension F, read
+        alone."""
         base = f"layers/{layer:03d}/experts"
-        return self.read(f"{base}/w_in", e), self.read(f"{base}/w_out", e)
+        if cols == slice(None):
+            return self.read(f"{base}/w_in", e), self.read(f"{base}/w_out", e)
+        return (self.read(f"{base}/w_in", (e, slice(None), cols)),
+                self.read(f"{base}/w_out", (e, cols)))
 
 
 # -- synthetic model -------------------------------------------------------------------

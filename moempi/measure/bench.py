@@ -249,6 +249,52 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
     return result
 
 
+def bench_tp_sum(comm, echo, hidden: int = 7168, tokens: int = 256, top_k: int = 2,
+                 tp: int = 2, repeats: int = 5) -> dict:
+    """Where to sum an expert's tensor-parallel partial outputs, measured (``parallel.tp``).
+
+    Implemented: every shard returns its partial rows through the combine and the token's
+    home rank sums them in the weighted sum; the cost over tp = 1 is the extra partial rows,
+    ``(tp - 1) * tokens * top_k`` rows per rank each way of the exchange (timed here as the
+    extra ``Alltoallv``).  The alternative, a sum inside the tensor-parallel group, keeps the
+    combine as it is but needs each group to share its tokens and adds an ``Allreduce`` of
+    the ``tp * tokens`` rows the group owns, per MoE layer (timed here on groups of ``tp``
+    consecutive ranks).  Both are raw MPI on the same bytes; times are the slowest rank's.
+    """
+    P = comm.size
+    row = hidden * 4
+    group = comm.Split(comm.rank // tp, comm.rank)
+    extra = (tp - 1) * tokens * top_k                     # extra partial rows sent per rank
+    send = np.ones(extra * row // 4, np.float32)
+    recv = np.empty_like(send)
+    counts = np.full(P, extra // P * row, np.int64)
+    counts[-1] += extra * row - counts.sum()
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rows = np.ones((tp * tokens, hidden), np.float32)
+    out = np.empty_like(rows)
+
+    def best(fn):
+        t_best = float("inf")
+        for _ in range(repeats):
+            comm.Barrier()
+            t = time.perf_counter()
+            fn()
+            t_best = min(t_best, time.perf_counter() - t)
+        return comm.allreduce(t_best, op=MPI.MAX)
+
+    try:
+        combine = best(lambda: comm.Alltoallv([send, (counts, displs), MPI.BYTE],
+                                              [recv, (counts, displs), MPI.BYTE]))
+        reduce = best(lambda: group.Allreduce(rows, out, op=MPI.SUM))
+    finally:
+        group.Free()
+    echo(f"tp sum ({P} ranks, tp={tp}, H={hidden}, {tokens} tokens/rank, top-{top_k}): partial "
+         f"rows back through the combine (implemented) {combine * 1e3:.2f} ms extra per layer, "
+         f"vs a sum in the tensor-parallel group {reduce * 1e3:.2f} ms (Allreduce of the "
+         f"group's {tp * tokens} rows) -> combine/reduce {combine / reduce:.2f}")
+    return {"combine_s": combine, "reduce_s": reduce}
+
+
 def comm_heavy_ffn(comm, hidden: int, tokens: int) -> int:
     """The expert hidden size F at which one layer's compute takes about as long as its exchange."""
     latency, bandwidth = probe_network(comm, hidden, 4)

@@ -37,10 +37,11 @@ def memory_per_gpu(meta: ModelMeta, ep: int, tp: int, tokens_per_gpu: int, micro
       gate         = (L-D) * H*E * wb                              gate [H, E] per MoE layer
       norms        = (L+1) * H * wb                                per-layer RMSNorm + final norm
       activations  = T * (2*H + E) * 4                              x and h [T, H] f32, probs [T, E] f32
-      exchange     = 4 * T*K*H * wire * skew + 2*(tp-1)*T*K*H*wire*skew
+      exchange     = 4 * tp * T*K*H * wire * skew
                      dispatch send/recv + combine send/recv for all m micro-batches in flight
-                     (each micro-batch moves on independently, docs/design.md §3), plus the TP all-gather
-                     and reduce-scatter receive buffers
+                     (each micro-batch moves on independently, docs/design.md §3); with tp > 1
+                     each pair goes to the tp ranks of its expert's slot and a partial row of
+                     each comes back (docs/design.md §3), so tp times the rows
       workspace    = (T/m) * K * skew * (F + tp*H) * 4              one micro-batch's expert
                      intermediate [n, F/tp] per TP shard of tp*n rows, and its f32 output
     """
@@ -59,7 +60,7 @@ def memory_per_gpu(meta: ModelMeta, ep: int, tp: int, tokens_per_gpu: int, micro
         "gate": n_moe * H * E * wb,
         "norms": (meta.num_layers + int(meta.has_final_norm)) * H * wb,
         "activations": T * (2 * H + E) * ACC_BYTES,
-        "exchange": math.ceil((4 + 2 * (tp - 1)) * pairs * H * wire_bytes),
+        "exchange": math.ceil(4 * tp * pairs * H * wire_bytes),
         "workspace": math.ceil(math.ceil(T / m) * K * skew * (F + tp * H) * ACC_BYTES),
     }
     parts["total"] = sum(parts.values())
@@ -112,7 +113,8 @@ def available_host_bytes() -> int | None:
 
 
 def check_host_memory(meta: ModelMeta, ep: int, batch_tokens: int, wire_bytes: int,
-                      weights_on_host: bool, available_bytes: float, source: str = "run") -> int:
+                      weights_on_host: bool, available_bytes: float, source: str = "run",
+                      tp: int = 1) -> int:
     """Refuse a rank whose host memory cannot hold what it keeps, naming the parts and the
     knob; returns the bytes it needs.
 
@@ -121,7 +123,7 @@ def check_host_memory(meta: ModelMeta, ep: int, batch_tokens: int, wire_bytes: i
     has written them (``batch_tokens`` x H float32) and, on a CPU backend, its weights in
     float32.
     """
-    parts = memory_per_gpu(meta, ep, 1, batch_tokens, 1, wire_bytes, weight_bytes=ACC_BYTES)
+    parts = memory_per_gpu(meta, ep, tp, batch_tokens, 1, wire_bytes, weight_bytes=ACC_BYTES)
     weights = sum(parts[k] for k in ("experts", "dense", "gate", "norms"))
     batch = parts["total"] - weights + batch_tokens * meta.hidden_size * ACC_BYTES
     need = batch + (weights if weights_on_host else 0)

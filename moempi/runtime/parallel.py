@@ -19,17 +19,34 @@ from moempi.errors import CollectiveError, MoempiError
 
 @dataclass
 class Layout:
-    """Where this rank sits: ``world = dp x ep`` (tp = 1), node-major within each group."""
+    """Where this rank sits: ``world = dp x ep x tp``, tp innermost.
+
+    World rank ``(d * ep + r) * tp + j`` is tensor-parallel shard ``j`` of expert-parallel
+    slot ``r`` in replica ``d``.  The ``ep * tp`` ranks of a replica share one model copy
+    and exchange tokens on ``ep_comm``; slot ``r``'s experts are split over its ``tp`` ranks.
+    """
 
     world: MPI.Comm
-    ep_comm: MPI.Comm        # this rank's expert-parallel group: the ranks sharing one model copy
+    ep_comm: MPI.Comm        # this rank's replica: the ep * tp ranks sharing one model copy
     dp: int                  # data-parallel replicas
-    ep: int                  # ranks per expert-parallel group
+    ep: int                  # expert-parallel slots per replica
     dp_index: int            # which replica this rank belongs to
+    tp: int = 1              # tensor-parallel ranks per slot
 
     @property
     def ep_rank(self) -> int:
-        return self.ep_comm.rank
+        """This rank's expert-parallel slot (the placement's rank)."""
+        return self.ep_comm.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        """This rank's shard of its slot's experts."""
+        return self.ep_comm.rank % self.tp
+
+    @property
+    def rank_offset(self) -> int:
+        """The world rank of this replica's first rank."""
+        return self.dp_index * self.ep * self.tp
 
     def free(self) -> None:
         if self.ep_comm != self.world:
@@ -37,21 +54,20 @@ class Layout:
 
 
 def make_layout(world: MPI.Comm, ep: int, tp: int, dp: int) -> Layout:
-    """Split ``world`` into ``dp`` expert-parallel groups of ``ep`` consecutive ranks."""
-    if tp != 1:
-        raise MoempiError(f"parallel.tp = {tp}: tensor parallelism inside an expert is not "
-                          "implemented in this version (use tp = 1)")
+    """Split ``world`` into ``dp`` replicas of ``ep * tp`` consecutive ranks."""
     size = world.size
     if ep == 0:
-        if size % dp:
-            raise MoempiError(f"parallel.dp = {dp} does not divide the world size {size}")
-        ep = size // dp
-    if ep * dp != size:
-        raise MoempiError(f"parallel layout ep={ep} x dp={dp} = {ep * dp} ranks, but the job "
-                          f"has {size} (mpiexec -n {ep * dp})")
-    dp_index = world.rank // ep
+        if size % (tp * dp):
+            raise MoempiError(f"parallel.tp = {tp} x parallel.dp = {dp} does not divide the "
+                              f"world size {size}")
+        ep = size // (tp * dp)
+    if ep * tp * dp != size:
+        raise MoempiError(f"parallel layout ep={ep} x tp={tp} x dp={dp} = {ep * tp * dp} "
+                          f"ranks, but the job has {size} (mpiexec -n {ep * tp * dp})")
+    group = ep * tp
+    dp_index = world.rank // group
     ep_comm = world if dp == 1 else world.Split(dp_index, world.rank)
-    return Layout(world, ep_comm, dp, ep, dp_index)
+    return Layout(world, ep_comm, dp, ep, dp_index, tp)
 
 
 def node_ranks(comm: MPI.Comm) -> int:

@@ -46,12 +46,15 @@ class Setup:
     notes: tuple = ()            # warnings for the user: questionable but accepted input
 
 
-def prepare(cfg: Config, ep: int) -> Setup:
+def prepare(cfg: Config, ep: int, tp: int = 1) -> Setup:
     """Rank 0: validate model metadata and datasets, tokens, placement and output path."""
     run = cfg.run
     with hdf5.open_h5(run.model, "model") as f:      # one open: metadata, then every dataset
         meta = hdf5.meta_from_file(f, run.model)
         hdf5.check_model_datasets(f, meta, run.model)
+    if meta.moe_ffn_size % tp:
+        raise MoempiError(f"parallel.tp = {tp} does not divide the expert hidden size "
+                          f"{meta.moe_ffn_size} of {run.model}")
     num_tokens, hidden = hdf5.tokens_shape(run.tokens)
     if num_tokens == 0:
         raise MoempiError(f"{run.tokens}: /tokens has no rows: nothing to run")
@@ -139,11 +142,12 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         say(world, f"{cfg.run.output} is complete (a finished run's checkpoint is still in "
                    f"{cfg.run.checkpoint}): nothing to do")
         return cfg.run.output
-    setup = parallel.root_call(world, prepare, cfg, layout.ep)
+    setup = parallel.root_call(world, prepare, cfg, layout.ep, layout.tp)
     meta, placement = setup.meta, setup.placement
     for note in setup.notes:
         say(world, f"warning: {note}")
-    say(world, f"moempi {__version__}: {world.size} ranks (ep={layout.ep}, dp={layout.dp}), "
+    say(world, f"moempi {__version__}: {world.size} ranks (ep={layout.ep}, tp={layout.tp}, "
+               f"dp={layout.dp}), "
                f"{meta.num_layers} layers ({meta.num_dense_layers} dense), {meta.num_experts} "
                f"experts, hidden {meta.hidden_size}, {setup.num_tokens} tokens, "
                f"precision {cfg.run.precision}")
@@ -163,7 +167,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         host = (available_host_bytes() or 0) / parallel.node_ranks(world)
     if host:
         parallel.agree(world, check_host_memory, meta, layout.ep, min(batch, max_local),
-                       2 if cfg.run.precision == "bf16" else 4, not backend.gpu, host)
+                       2 if cfg.run.precision == "bf16" else 4, not backend.gpu, host, "run",
+                       layout.tp)
     # NaN/Inf refused before any compute; batch by batch, as the forward pass reads them
     parallel.agree(world, hdf5.check_tokens, cfg.run.tokens, start, stop, batch)
     t = time.perf_counter()
@@ -174,11 +179,11 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     if cfg.run.weights == "rank0":
         weights, sums = parallel.agree(world, load_weights_from_root, world, cfg.run.model,
                                        meta, placement, layout.ep, backend.to_device,
-                                       expert_to_device, check)
+                                       expert_to_device, check, layout.tp)
     else:
         weights, sums = parallel.agree(world, load_weights, cfg.run.model, meta, placement,
                                        layout.ep_rank, backend.to_device, expert_to_device,
-                                       check)
+                                       check, layout.tp, layout.tp_rank)
     load_s = time.perf_counter() - t
     say(world, f"loaded weights in {load_s:.1f} s ({weights.nbytes / 2**20:.1f} MiB on rank 0, "
                + ("read by rank 0 and sent)" if cfg.run.weights == "rank0" else
@@ -211,9 +216,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     chunk, gemm_rates = cfg.pipeline.chunk_rows, {}
     if not chunk and not backend.gpu and cfg.pipeline.overlap and counts != [1]:
         chunk, gemm_rates = tune.chunk_rows(meta, world)
-    ctx = Context(weights, placement, layout.ep_rank, layout.dp_index * layout.ep, balancer.bias,
+    ctx = Context(weights, placement, layout.ep_rank, layout.rank_offset, balancer.bias,
                   tel, WatchedScheduler(tel), backend, None, cfg.balance.capacity_factor,
-                  cfg.balance.overflow == "reroute", chunk_rows=chunk)
+                  cfg.balance.overflow == "reroute", chunk_rows=chunk, tp=layout.tp)
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
     final_norm = None if weights.final_norm is None else backend.to_host(weights.final_norm)
@@ -291,7 +296,8 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                    f"peak host memory {peak / 2**20:,.0f} MiB (the largest rank)")
         attrs = dict(
             format="moempi-output", version=1, moempi_version=__version__,
-            config=cfg.to_dict(), world_size=world.size, ep=layout.ep, dp=layout.dp,
+            config=cfg.to_dict(), world_size=world.size, ep=layout.ep, tp=layout.tp,
+            dp=layout.dp,
             placement=placement.to_dict(), model_meta=dataclasses.asdict(meta),
             micro_batches=micro_batches, batch_tokens=batch, resumed_from_batch=done,
             weights_seconds=load_s, replica_check=replica_check,

@@ -71,41 +71,52 @@ def _assemble(meta, shared: dict, experts: dict, to_device, expert_to_device) ->
     return Weights(meta, layers, final)
 
 
-def _sums(shared: dict, experts: dict) -> dict:
-    """``{"arrays": {name: CRC-32}, "seconds": time taken}`` of every array a rank holds."""
+def _sums(shared: dict, experts: dict, tp: int = 1, tp_rank: int = 0) -> dict:
+    """``{"arrays": {name: CRC-32}, "seconds": time taken}`` of every array a rank holds (an
+    expert's shard named as such: only the same shard of another replica must match)."""
     t = time.perf_counter()
+    part = f" shard {tp_rank} of {tp}" if tp > 1 else ""
     sums = {name: checksum(a) for name, a in shared.items()}
-    sums.update({f"layers/{l:03d}/experts[{e}]": zlib.crc32(
+    sums.update({f"layers/{l:03d}/experts[{e}]{part}": zlib.crc32(
         np.ascontiguousarray(w_out).view(np.uint8), checksum(w_in))
         for (l, e), (w_in, w_out) in experts.items()})
     return {"arrays": sums, "seconds": time.perf_counter() - t}
 
 
+def shard(meta: ModelMeta, tp: int, tp_rank: int) -> slice:
+    """Shard ``tp_rank`` of an expert's hidden dimension F: columns of ``w_in``, rows of ``w_out``."""
+    width = meta.moe_ffn_size // tp
+    return slice(tp_rank * width, (tp_rank + 1) * width)
+
+
 def load_weights(path: str, meta: ModelMeta, placement: Placement, ep_rank: int,
-                 to_device=lambda a: a, expert_to_device=None,
-                 sums: bool = False) -> tuple[Weights, dict]:
-    """``"each"``: read this rank's share of the model.  Returns the weights and, with
+                 to_device=lambda a: a, expert_to_device=None, sums: bool = False,
+                 tp: int = 1, tp_rank: int = 0) -> tuple[Weights, dict]:
+    """``"each"``: read this rank's share of the model (with ``tp > 1`` only shard ``tp_rank``
+    of each hosted expert).  Returns the weights and, with
     ``sums``, the checksum of every array read (``{"arrays": {name: CRC-32}, "seconds": t}``,
     an expert named ``layers/LLL/experts[e]``), else ``{}``."""
     expert_to_device = expert_to_device or to_device
     with ModelReader(path) as reader:
         shared = {name: reader.read(name) for name, _ in _shared_names(meta)}
-        experts = {(l, e): reader.expert(l, e) for l in meta.moe_layers
+        cols = shard(meta, tp, tp_rank) if tp > 1 else slice(None)
+        experts = {(l, e): reader.expert(l, e, cols) for l in meta.moe_layers
                    for e in placement.experts_on(l, ep_rank)}
-    table = _sums(shared, experts) if sums else {}
+    table = _sums(shared, experts, tp, tp_rank) if sums else {}
     return _assemble(meta, shared, experts, to_device, expert_to_device), table
 
 
 def load_weights_from_root(world: MPI.Comm, path: str, meta: ModelMeta, placement: Placement,
                            ep: int, to_device=lambda a: a, expert_to_device=None,
-                           sums: bool = False, window: int = WINDOW) -> tuple[Weights, dict]:
+                           sums: bool = False, tp: int = 1,
+                           window: int = WINDOW) -> tuple[Weights, dict]:
     """``"rank0"``: rank 0 reads, every rank receives its share (call on every rank of
-    ``world``, whose rank ``d * ep + r`` is expert-parallel rank ``r`` of replica ``d``).
-    Returns what :func:`load_weights` does."""
+    ``world``, whose rank ``(d * ep + r) * tp + j`` is shard ``j`` of expert-parallel slot
+    ``r`` in replica ``d``).  Returns what :func:`load_weights` does."""
     comm = world.Dup()
     expert_to_device = expert_to_device or to_device
-    H, F = meta.hidden_size, meta.moe_ffn_size
-    replicas = world.size // ep
+    H, F = meta.hidden_size, meta.moe_ffn_size // tp
+    replicas = world.size // (ep * tp)
     try:
         reader, error = None, None
         if world.rank == 0:
@@ -128,11 +139,13 @@ def load_weights_from_root(world: MPI.Comm, path: str, meta: ModelMeta, placemen
             comm.Bcast(a, root=0)
             shared[name] = a
         # the expert matrices, in (layer, expert, w_in/w_out) order to every rank hosting them
+        slot = (world.rank // tp) % ep
         wanted = [(l, e, which) for l in meta.moe_layers
-                  for e in placement.experts_on(l, world.rank % ep) for which in (0, 1)]
+                  for e in placement.experts_on(l, slot) for which in (0, 1)]
         experts: dict = {}
         if world.rank == 0:
-            error = _send_experts(comm, reader, meta, placement, ep, replicas, experts, window)
+            error = _send_experts(comm, reader, meta, placement, ep, tp, replicas, experts,
+                                  window)
         else:
             status = MPI.Status()
             for l, e, which in wanted:
@@ -149,20 +162,20 @@ def load_weights_from_root(world: MPI.Comm, path: str, meta: ModelMeta, placemen
             reader.close()
         comm.Free()
     experts = {key: tuple(pair) for key, pair in experts.items()}
-    table = _sums(shared, experts) if sums else {}
+    table = _sums(shared, experts, tp, world.rank % tp) if sums else {}
     return _assemble(meta, shared, experts, to_device, expert_to_device), table
 
 
-def _send_experts(comm, reader, meta, placement, ep, replicas, own: dict, window: int):
-    """Rank 0's side: read each hosted expert matrix once, send it to its hosts with at most
-    ``window`` matrices in flight; returns the read error (the others are told to stop)."""
+def _send_experts(comm, reader, meta, placement, ep, tp, replicas, own: dict, window: int):
+    """Rank 0's side: read each hosted expert matrix once, send each host its shard with at
+    most ``window`` matrices in flight; returns the read error (the others are told to stop)."""
     in_flight: deque = deque()           # (requests, matrix) of the matrices being sent
-    pending = {r: sum(2 * len(placement.experts_on(l, r % ep)) for l in meta.moe_layers)
+    pending = {r: sum(2 * len(placement.experts_on(l, (r // tp) % ep)) for l in meta.moe_layers)
                for r in range(1, comm.size)}
     try:
         for l in meta.moe_layers:
-            hosts = {e: [d * ep + r for d in range(replicas) for r in range(ep)
-                         if e in placement.experts_on(l, r)]
+            hosts = {e: [(d * ep + r) * tp + j for d in range(replicas) for r in range(ep)
+                         if e in placement.experts_on(l, r) for j in range(tp)]
                      for e in range(meta.num_experts)}
             for e, ranks in hosts.items():
                 if not ranks:
@@ -170,14 +183,17 @@ def _send_experts(comm, reader, meta, placement, ep, replicas, own: dict, window
                 for which, name in enumerate(("w_in", "w_out")):
                     a = np.ascontiguousarray(
                         reader.read(f"layers/{l:03d}/experts/{name}", e), dtype=np.float32)
-                    requests = []
+                    requests, kept = [], []      # the shards stay alive until sent
                     for r in ranks:
+                        cols = shard(meta, tp, r % tp) if tp > 1 else slice(None)
+                        part = np.ascontiguousarray(a[:, cols] if which == 0 else a[cols])
                         if r == 0:
-                            own.setdefault((l, e), [None, None])[which] = a
+                            own.setdefault((l, e), [None, None])[which] = part
                         else:
-                            requests.append(comm.Isend(a, dest=r, tag=_SLAB))
+                            requests.append(comm.Isend(part, dest=r, tag=_SLAB))
+                            kept.append(part)
                             pending[r] -= 1
-                    in_flight.append((requests, a))
+                    in_flight.append((requests, kept))
                     while len(in_flight) > window:
                         MPI.Request.Waitall(in_flight.popleft()[0])
                     for requests_, _ in in_flight:
