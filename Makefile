@@ -52,6 +52,8 @@ bench: install
 		--micro-batches 2 --calibration work/calibration.json | tee work/bench.txt
 	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 4 $(BIN)/moempi bench balance | tee -a work/bench.txt
 	$(BIN)/moempi bench place --quick | tee -a work/bench.txt
+	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 16 $(BIN)/moempi bench node | tee -a work/bench.txt
+	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 4 $(BIN)/moempi bench tp | tee -a work/bench.txt
 
 # The GPU checks, on a machine with a GPU, in one bounded run of about 6 minutes
 # (tests/gpu_check.py): first the go/no-go correctness table (rank -> GPU binding, the BF16

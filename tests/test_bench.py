@@ -35,6 +35,20 @@ def test_bench_all_quick(tmp_path):
     assert data["format"] == "moempi-calibration" and data["gemm_flops"] > 0
 
 
+def test_bench_node_and_tp_quick():
+    """The node-dispatch table (2 nodes of 4 ranks): co-activating routing crosses nodes
+    half as often; and the tensor-parallel sum's two costs."""
+    proc = mpirun(8, "bench", "node", "--quick", timeout=300)
+    rows = re.findall(r"\| 2 x 4 \| ([a-z-]+) \| (\d+) / (\d+) \|", proc.stdout)
+    assert [r[0] for r in rows] == ["skewed", "co-activating"]
+    for routing, direct, node in rows:
+        assert int(node) <= int(direct)
+    _, direct, node = rows[1]
+    assert int(node) <= 0.6 * int(direct)
+    proc = mpirun(4, "bench", "tp", "--quick", timeout=120)
+    assert len(ratios(proc.stdout, "combine/reduce")) == 1
+
+
 def test_bench_balance_quick():
     proc = mpirun(4, "bench", "balance", "--quick", timeout=300)
     m = re.search(r"MaxVio off ([0-9.]+) -> ([0-9.]+), on ([0-9.]+) -> ([0-9.]+)", proc.stdout)

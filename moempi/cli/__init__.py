@@ -275,7 +275,8 @@ def inspect(output, plot_dir):
 
 @cli.command("bench")
 @click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "micro",
-                                           "tp", "calibrate", "place", "gpu", "balance"]),
+                                           "tp", "node", "calibrate", "place", "gpu",
+                                           "balance"]),
                 default="all")
 @click.option("--backend", type=click.Choice(["cupy", "standin"]), default="cupy",
               show_default=True, help="For `gpu`: the GPU backend (standin: CuPy code on numpy).")
@@ -303,6 +304,9 @@ def bench(what, tokens, layers, micro_batches, calibration, add, quick, backend)
     tp         where tensor-parallel partial outputs are summed: the extra partial rows of
                the combine (implemented) vs an Allreduce in the tensor-parallel group
                (run it at 4 ranks: mpiexec -n 4 moempi bench tp)
+    node       direct vs node-deduplicated dispatch on nodes of 8 ranks (16 or 32 ranks: 2 x 8,
+               4 x 8; small hidden): rows and bytes crossing nodes, and the layer time, on
+               skewed and co-activating routing
     calibrate  this machine for `plan --hardware`, in a fresh process: GEMM and weight-read
                rates, Alltoallv latency and bandwidth, the runner's per-token, per-micro-batch,
                dense-layer and first-pass costs, fitted on runs of the real runner (H 768,
@@ -340,6 +344,9 @@ def _bench(world, what, tokens, layers, micro_batches, calibration, add, quick, 
 
     if what == "balance":
         b.bench_balance(world, echo, quick)
+        return
+    if what == "node":
+        b.bench_node_dispatch(world, echo, gpus_per_node=4 if quick else 8, tokens=tokens // 4)
         return
     if what == "tp":
         b.bench_tp_sum(world, echo, hidden=512 if quick else 7168, tokens=tokens)

@@ -45,6 +45,8 @@ class ParallelSection:
 @dataclass(frozen=True)
 class PipelineSection:
     overlap: bool = True             # nonblocking exchange overlapped with expert compute
+    dispatch: str = "direct"         # "direct": tokens straight to their experts' ranks; "node":
+                                     # once to each destination node, forwarded inside it
     micro_batches: int = 0           # micro-batches per batch in flight; 0 = the fastest, timed at start-up
     max_micro_batches: int = 16      # upper bound for the automatic choice
     chunk_rows: int = 0              # expert GEMM rows between MPI polls while exchanges are in
@@ -93,6 +95,9 @@ class Config:
             raise MoempiError("config: run.gpu_memory_gb and host_memory_gb must be >= 0")
         if r.precision not in ("fp32", "bf16"):
             raise MoempiError(f"config: run.precision must be fp32 or bf16, not {r.precision!r}")
+        if pl.dispatch not in ("direct", "node"):
+            raise MoempiError(f"config: pipeline.dispatch must be direct or node, not "
+                              f"{pl.dispatch!r}")
         if r.weights not in ("each", "rank0"):
             raise MoempiError(f"config: run.weights must be each or rank0, not {r.weights!r}")
         if p.ep < 0 or p.tp < 1 or p.dp < 1:

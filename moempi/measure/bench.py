@@ -23,6 +23,7 @@ from moempi.runtime.backend import HostBackend
 from moempi.runtime.dispatch import Exchanger, drive, probe_network
 from moempi.runtime.pipeline import Context, Scheduler, Telemetry, run_batch
 from moempi.runtime import tune
+from moempi.runtime.nodes import NodeExchanger
 from moempi.runtime.output import overlap_percent
 
 
@@ -65,16 +66,21 @@ def synthetic(comm: MPI.Comm, shape: Shape, seed: int = 0):
 
 
 def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
-            precision: str = "fp32", chunk_rows: int = 0,
-            replay: bool = True) -> tuple[float, Telemetry, float]:
+            precision: str = "fp32", chunk_rows: int = 0, replay: bool = True,
+            gpus_per_node: int = 0) -> tuple[float, Telemetry, float]:
     """One timed pass through ``run_batch``; returns (seconds, telemetry, pure exchange s;
-    0 without ``replay``)."""
+    0 without ``replay``).  ``gpus_per_node`` > 0: the node-deduplicated dispatch."""
     meta = weights.meta
     moe = len(meta.moe_layers)
     ctx = _context(comm, weights, placement, chunk_rows)
     tel = ctx.telemetry
-    exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
-                            blocking=not overlap) for _ in range(micro_batches)]
+    if gpus_per_node:
+        exchangers = [NodeExchanger(comm, gpus_per_node, meta.hidden_size, meta.num_experts,
+                                    meta.top_k, precision, blocking=not overlap)
+                      for _ in range(micro_batches)]
+    else:
+        exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, precision,
+                                blocking=not overlap) for _ in range(micro_batches)]
     try:
         comm.Barrier()
         t = time.perf_counter()
@@ -293,6 +299,65 @@ def bench_tp_sum(comm, echo, hidden: int = 7168, tokens: int = 256, top_k: int =
          f"vs a sum in the tensor-parallel group {reduce * 1e3:.2f} ms (Allreduce of the "
          f"group's {tp * tokens} rows) -> combine/reduce {combine / reduce:.2f}")
     return {"combine_s": combine, "reduce_s": reduce}
+
+
+def routed_stack(comm, routing: str, hidden: int, ffn: int, tokens: int, seed: int = 0):
+    """:func:`synthetic` with one expert per rank and a gate that routes as named:
+    ``skewed`` (token clusters drawn Zipf-like, each cluster preferring one expert) or
+    ``co-activating`` (cluster ``c``'s tokens choose experts ``2c`` and ``2c+1`` together,
+    which the default placement puts on neighbouring ranks, so on one node)."""
+    weights, placement, _ = synthetic(comm, Shape(routing, hidden, ffn, tokens, 1), seed)
+    E, H = weights.meta.num_experts, hidden
+    shared = np.random.default_rng([seed, 99])
+    clusters = E // 2 if routing == "co-activating" else E
+    centre = shared.standard_normal((clusters, H)).astype(np.float32)
+    centre /= np.linalg.norm(centre, axis=1, keepdims=True)
+    gate = np.empty((H, E), np.float32)
+    for e in range(E):
+        gate[:, e] = centre[e // 2 if routing == "co-activating" else e] * 8.0
+    gate += shared.standard_normal((H, E)).astype(np.float32) * 0.05
+    rng = np.random.default_rng([seed, comm.rank, 7])
+    if routing == "co-activating":
+        pick = rng.integers(0, clusters, tokens)
+    else:
+        p = 1.0 / np.arange(1, clusters + 1) ** 1.2
+        pick = rng.choice(clusters, tokens, p=p / p.sum())
+    x = (centre[pick] * 3.0 + rng.standard_normal((tokens, H)).astype(np.float32) * 0.3)
+    weights.layers[0].gate[...] = gate
+    return weights, placement, x.astype(np.float32)
+
+
+def bench_node_dispatch(comm, echo, gpus_per_node: int = 8, hidden: int = 256,
+                        ffn: int = 128, tokens: int = 64, repeats: int = 3) -> dict:
+    """Direct against node-deduplicated dispatch on ``comm.size // gpus_per_node`` nodes: the
+    rows and bytes crossing nodes (dispatch and combine) and one MoE layer's time."""
+    nodes = comm.size // gpus_per_node
+    results = {}
+    echo(f"| {nodes} x {gpus_per_node} ranks | routing | inter-node rows direct / node | "
+         f"MiB direct / node | reduction | layer ms direct / node |")
+    echo("| --- | --- | --- | --- | --- | --- |")
+    for routing in ("skewed", "co-activating"):
+        weights, placement, x = routed_stack(comm, routing, hidden, ffn, tokens)
+        row = {}
+        for mode, gpn in (("direct", 0), ("node", gpus_per_node)):
+            forward(comm, weights, placement, x, 1, True, replay=False, gpus_per_node=gpn)
+            best = float("inf")
+            for _ in range(repeats):
+                t, tel, _ = forward(comm, weights, placement, x, 1, True, replay=False,
+                                    gpus_per_node=gpn)
+                best = min(best, t)
+            sent = tel.traffic.sum(axis=0)                      # rows to each rank [P]
+            mine = comm.rank // gpus_per_node
+            remote = int(sent[np.arange(comm.size) // gpus_per_node != mine].sum())
+            rows = comm.allreduce(remote)
+            row[mode] = {"rows": rows, "bytes": 2 * rows * hidden * 4, "layer_s": best}
+        cut = 1 - row["node"]["rows"] / max(row["direct"]["rows"], 1)
+        results[routing] = {**row, "reduction": cut}
+        echo(f"| {nodes} x {gpus_per_node} | {routing} | {row['direct']['rows']} / "
+             f"{row['node']['rows']} | {row['direct']['bytes'] / 2**20:.1f} / "
+             f"{row['node']['bytes'] / 2**20:.1f} | {cut:.0%} | "
+             f"{row['direct']['layer_s'] * 1e3:.1f} / {row['node']['layer_s'] * 1e3:.1f} |")
+    return results
 
 
 def comm_heavy_ffn(comm, hidden: int, tokens: int) -> int:

@@ -119,7 +119,8 @@ class OutputFile:
                 for name, arr in zip(("topk_idx", "dest_rank"), arrays):
                     self.datasets[m, name][span] = arr
 
-    def finish(self, attrs: dict, tel, pure_comm: np.ndarray, history: dict) -> None:
+    def finish(self, attrs: dict, tel, pure_comm: np.ndarray, history: dict,
+               gpus_per_node: int = 0) -> None:
         """Gather the timings and counters, write them with ``attrs`` and publish the file."""
         world, meta, writer = self.world, self.meta, self.writer
         seconds = {name: parallel.gather_stack(world, tel.seconds[name]) for name in TIMINGS}
@@ -165,7 +166,18 @@ class OutputFile:
             base = (src // ep) * ep
             full[:, src, base:base + ep] = traffic[src]
         writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank",
-                     units="rows", description="rows each rank sent to each rank")
+                     units="rows", description="rows each rank sent to each rank (with node "
+                                               "dispatch: both stages)")
+        if gpus_per_node and P % gpus_per_node == 0:
+            nodes = P // gpus_per_node
+            pairs = full.reshape(len(moe), nodes, gpus_per_node, nodes, gpus_per_node)
+            writer.array("axes/node", np.arange(nodes), scale="node",
+                         description=f"node: world ranks node*{gpus_per_node} .. "
+                                     f"node*{gpus_per_node} + {gpus_per_node - 1}")
+            writer.array("stats/node_traffic", pairs.sum(axis=(2, 4)),
+                         dims="moe layer, source node, destination node", units="rows",
+                         description="rows sent between nodes (off the diagonal: across the "
+                                     "inter-node links), summed over their ranks")
         loads = np.stack(history["tokens_per_expert"])                 # [B, L_moe, E]
         writer.array("axes/batch", np.arange(len(loads)), scale="batch",
                      description="batch index (pipeline.batch_tokens per rank each)")

@@ -32,6 +32,7 @@ from moempi.model.experts import rmsnorm
 from moempi.model.gating import gate_probs, route
 from moempi.model.stack import DenseLayer, Weights
 from moempi.place.placement import Placement, assign_replicas
+from moempi.runtime.nodes import NodeExchanger
 
 # gate: norm + gating + routing; dispatch/combine: exchange time from posting to completion;
 # expert: MLP compute (the dense MLP in dense layers); pack: gathering, BF16 rounding and
@@ -194,19 +195,58 @@ class MicroBatch:
                 continue
             # the MoE layer: route, dispatch, experts, combine
             topk_idx, topk_weights, dest_rank = self._route(layer, h)
-            pair_idx, pair_weights, pair_dest = tensor_parallel_pairs(
-                topk_idx, topk_weights, dest_rank, ctx.tp, self.xp)
             self._compute(l, start, "gate")
-            plan = yield from self._exchange("dispatch", ex.plan(pair_idx, pair_dest,
-                                                                 sorted(layer.experts)))
-            recv = yield from self._exchange("dispatch", ex.dispatch(plan, h))
-            y = self._experts(layer, plan, recv)
-            back = yield from self._exchange("combine", ex.combine(plan, y))
-            t = time.perf_counter()
-            ex.add_weighted(x, back, plan, pair_weights)
-            self._record(l - meta.num_dense_layers, topk_idx, dest_rank, plan)
-            self._compute(l, t)
+            if isinstance(ex, NodeExchanger):
+                counts = yield from self._moe_by_node(layer, x, h, topk_idx, topk_weights,
+                                                      dest_rank)
+            else:
+                counts = yield from self._moe_direct(layer, x, h, topk_idx, topk_weights,
+                                                     dest_rank)
+            self._record(l - meta.num_dense_layers, topk_idx, dest_rank, *counts)
             self._done(l)
+
+    def _moe_direct(self, layer, x, h, topk_idx, topk_weights, dest_rank):
+        """Dispatch, experts, combine straight between home and computing ranks; returns
+        the counts :meth:`_record` keeps."""
+        ex = self.exchanger
+        pair_idx, pair_weights, pair_dest = tensor_parallel_pairs(
+            topk_idx, topk_weights, dest_rank, self.ctx.tp, self.xp)
+        plan = yield from self._exchange("dispatch", ex.plan(pair_idx, pair_dest,
+                                                             sorted(layer.experts)))
+        recv = yield from self._exchange("dispatch", ex.dispatch(plan, h))
+        y = self._experts(layer, plan, recv, ex)
+        back = yield from self._exchange("combine", ex.combine(plan, y))
+        t = time.perf_counter()
+        ex.add_weighted(x, back, plan, pair_weights)
+        self._compute(layer.index, t)
+        return plan.send_counts, plan.num_recv, (plan.send_counts, plan.recv_counts)
+
+    def _moe_by_node(self, layer, x, h, topk_idx, topk_weights, dest_rank):
+        """The two-stage exchange (:mod:`moempi.runtime.nodes`): each token once to a relay
+        rank of each node it needs, forwarded there; its node's weighted outputs summed at
+        the relay and one row sent back per node."""
+        nx = self.exchanger
+        nodes, relays = nx.to_nodes(dest_rank)
+        plan1 = yield from self._exchange("dispatch", nx.inter.plan(nodes, relays, [nx.node]))
+        rows = yield from self._exchange("dispatch", nx.inter.dispatch(plan1, h))
+        routing = nx.routing(topk_idx, self.ctx.backend.to_host(topk_weights), dest_rank)
+        meta = yield from self._exchange("dispatch", nx.meta.dispatch(plan1, routing))
+        idx2, dest2, w2 = nx.on_this_node(meta)
+        plan2 = yield from self._exchange("dispatch", nx.intra.plan(idx2, dest2,
+                                                                    sorted(layer.experts)))
+        recv = yield from self._exchange("dispatch", nx.intra.dispatch(plan2, rows))
+        y = self._experts(layer, plan2, recv, nx.intra)
+        back = yield from self._exchange("combine", nx.intra.combine(plan2, y))
+        t = time.perf_counter()
+        summed = np.zeros((len(idx2), x.shape[1]), np.float32)      # a node's rows per token
+        nx.intra.add_weighted(summed, back, plan2, w2)
+        self._compute(layer.index, t)
+        back = yield from self._exchange("combine", nx.inter.combine(plan1, summed))
+        t = time.perf_counter()
+        nx.inter.add_weighted(x, back, plan1, np.ones(nodes.shape, np.float32))
+        self._compute(layer.index, t)
+        traffic = plan1.send_counts + nx.world_ranks(plan2.send_counts)
+        return traffic, plan2.num_recv, (plan1.send_counts, plan1.recv_counts)
 
     @property
     def xp(self):
@@ -278,7 +318,7 @@ class MicroBatch:
             tel.add("pack", self.layer, local)
             tel.add("compute", self.layer, local)
 
-    def _experts(self, layer, plan, recv):
+    def _experts(self, layer, plan, recv, exchanger):
         """The local experts on the received rows `[R, H]`.
 
         On the CPU, while exchanges are in flight, an expert's rows are cut into chunks of
@@ -290,7 +330,7 @@ class MicroBatch:
         meta, backend = self.ctx.weights.meta, self.ctx.backend
         scheduler, chunk = self.ctx.scheduler, self.ctx.chunk_rows
         start = time.perf_counter()
-        y = self.exchanger.output_buffer(plan)
+        y = exchanger.output_buffer(plan)
         if y is None:                   # float32, or BF16 rows for the wire (GPU, bf16)
             y = self.xp.empty(recv.shape, dtype=recv.dtype)
         for e, rows in plan.expert_slices():
@@ -316,13 +356,15 @@ class MicroBatch:
         self._compute(layer.index, start, "expert")
         return y
 
-    def _record(self, m: int, topk_idx, dest_rank, plan) -> None:
+    def _record(self, m: int, topk_idx, dest_rank, traffic, rows_computed, exchange) -> None:
+        """``traffic``: rows this rank sent to each rank of its replica; ``rows_computed`` by
+        its experts; ``exchange``: (send, recv) counts of the exchange to replay alone."""
         ctx, tel = self.ctx, self.ctx.telemetry
-        tel.traffic[m] += plan.send_counts
-        tel.rows_computed[m] += plan.num_recv
+        tel.traffic[m] += traffic
+        tel.rows_computed[m] += rows_computed
         live = topk_idx[dest_rank >= 0]
         tel.tokens_per_expert[m] += np.bincount(live, minlength=tel.num_experts)
-        tel.exchanges[m][self.key] = (plan.send_counts, plan.recv_counts)
+        tel.exchanges[m][self.key] = exchange
         if ctx.routing is not None:
             idx, dest = ctx.routing[m]
             rows = slice(self.offset, self.offset + len(topk_idx))

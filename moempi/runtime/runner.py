@@ -23,6 +23,7 @@ from moempi.model.shapes import ModelMeta
 from moempi.perf.memory import available_host_bytes, check_host_memory
 from moempi.place.placement import Placement
 from moempi.runtime.dispatch import Exchanger
+from moempi.runtime.nodes import NodeExchanger
 from moempi.runtime.heap import keep_freed_memory
 from moempi.runtime.output import OutputFile, peak_host_bytes, versions
 from moempi.runtime.pipeline import Context, Telemetry, run_batch, split_rows
@@ -208,6 +209,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     moe_layers = list(meta.moe_layers)
     tel = Telemetry(meta.num_layers, len(moe_layers), comm.size, meta.num_experts)
     balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
+    gpus_per_node = placement.gpus_per_node or parallel.node_ranks(world)
+    if cfg.pipeline.dispatch == "node":
+        parallel.root_call(world, check_node_dispatch, layout, backend, gpus_per_node)
     # the micro-batch count: the checkpoint's (the same arithmetic), the config's, 1 without
     # overlap, or timed over these candidates
     given = resumed_micro or cfg.pipeline.micro_batches or (0 if cfg.pipeline.overlap else 1)
@@ -230,8 +234,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             ckpt.restore(done, output, cfg.run.save_routing, tel, history, balancer.bias)
             say(world, f"resuming from checkpoint {cfg.run.checkpoint}: {done} of "
                        f"{num_batches} batch(es) already done")
-        exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
-                                blocking=not cfg.pipeline.overlap, backend=backend)
+        exchangers = [make_exchanger(cfg, comm, meta, backend, gpus_per_node)
                       for _ in range(max(counts))]
         trials, micro_batches, first = {}, counts[0], None
         if len(counts) > 1:          # timed on the first batch's tokens, kept for its pass
@@ -301,6 +304,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             placement=placement.to_dict(), model_meta=dataclasses.asdict(meta),
             micro_batches=micro_batches, batch_tokens=batch, resumed_from_batch=done,
             weights_seconds=load_s, replica_check=replica_check,
+            dispatch=cfg.pipeline.dispatch, gpus_per_node=gpus_per_node,
             tuning={"micro_batch_seconds": {str(m): t for m, t in trials.items()},
                     "trial_moe_layers": tune.TRIAL_LAYERS if trials else 0,
                     "chunk_rows": chunk,
@@ -311,7 +315,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
             say(world, f"load balancing: MaxVio (mean over layers) first batch {vio[0]:.3f}, "
                        f"last batch {vio[-1]:.3f}")
-        output.finish(attrs, tel, pure_comm, history)
+        output.finish(attrs, tel, pure_comm, history, gpus_per_node)
     except BaseException:
         output.discard()
         raise
@@ -323,6 +327,31 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     layout.free()
     say(world, f"wrote {cfg.run.output}")
     return cfg.run.output
+
+
+def check_node_dispatch(layout, backend, gpus_per_node: int) -> None:
+    """Rank 0: what ``pipeline.dispatch = "node"`` needs in this version."""
+    group = layout.ep * layout.tp
+    if layout.tp > 1:
+        raise MoempiError("pipeline.dispatch = node: not with parallel.tp > 1 in this version "
+                          "(use pipeline.dispatch = direct)")
+    if backend.gpu:
+        raise MoempiError("pipeline.dispatch = node: the numpy backend only in this version "
+                          "(use pipeline.dispatch = direct)")
+    if group % gpus_per_node:
+        raise MoempiError(f"pipeline.dispatch = node: the {group} ranks of a replica are not "
+                          f"whole nodes of {gpus_per_node} (run.placement's topology "
+                          "gpus_per_node)")
+
+
+def make_exchanger(cfg: Config, comm, meta: ModelMeta, backend, gpus_per_node: int):
+    """One micro-batch's exchange channel: direct, or node-deduplicated (two stages)."""
+    blocking = not cfg.pipeline.overlap
+    if cfg.pipeline.dispatch == "node":
+        return NodeExchanger(comm, gpus_per_node, meta.hidden_size, meta.num_experts,
+                             meta.top_k, cfg.run.precision, blocking, backend)
+    return Exchanger(comm, meta.hidden_size, meta.num_experts, cfg.run.precision,
+                     blocking=blocking, backend=backend)
 
 
 def _refuse(mismatch: str | None) -> None:
