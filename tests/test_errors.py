@@ -191,10 +191,10 @@ from moempi import cli
 from moempi.runtime import pipeline
 from mpi4py import MPI
 original = pipeline.MicroBatch._experts
-def broken(self, layer, plan, recv):
+def broken(self, layer, *args):
     if MPI.COMM_WORLD.rank == 1 and layer.index == 3:
         raise RuntimeError("injected failure")
-    return original(self, layer, plan, recv)
+    return original(self, layer, *args)
 pipeline.MicroBatch._experts = broken
 sys.argv = ["moempi", "run"] + sys.argv[1:]
 cli.main()
@@ -396,10 +396,10 @@ from moempi.io import hdf5
 from moempi.runtime import pipeline
 if os.environ["FAULT"] == "memory":
     original = pipeline.MicroBatch._experts
-    def experts(self, layer, plan, recv):
+    def experts(self, layer, *args):
         if MPI.COMM_WORLD.rank == MPI.COMM_WORLD.size - 1 and layer.index == 3:
             raise MemoryError("Unable to allocate 93.1 GiB for an array")
-        return original(self, layer, plan, recv)
+        return original(self, layer, *args)
     pipeline.MicroBatch._experts = experts
 else:
     def array(self, *args, **kwargs):
