@@ -324,3 +324,25 @@ def test_dense_elementwise_and_first_touch_terms():
     assert seed.dense_elem_s == seed.dense_touch_s == 0.0
     fc = forward_time(PRESETS["deepseek-v3"], seed, Layout(ep=256))
     assert fc.forward_s * 1e3 == pytest.approx(192.5, abs=0.05)
+
+
+def test_plan_models_node_dispatch():
+    """`plan --dispatch node`: on 2 nodes with uniform routing 3/4 of the crossing pairs cross
+    (one row per token and remote node), the relays forward them inside the node, and each
+    micro-batch pays 7 exchange steps instead of 3."""
+    from moempi.perf.analytic import uniform_node_share
+    assert uniform_node_share(2, 2) == pytest.approx(0.75)
+    assert uniform_node_share(1, 2) == 1.0 and uniform_node_share(64, 2) > 0.99
+    layers = {}
+    for mode in ("direct", "node"):
+        res = CliRunner().invoke(plan, ["--topology", "input/topology-2x8.toml", "--ep", "16",
+                                        "--micro-batches", "1", "--dispatch", mode,
+                                        "--json", "-"])
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.output[res.output.index("{"):])
+        assert data["layout"]["dispatch"] == mode
+        layers[mode] = [l for l in data["layers"] if l["kind"] == "moe"][0]
+    d, n = layers["direct"], layers["node"]
+    assert n["dispatch_inter_s"] == pytest.approx(0.75 * d["dispatch_inter_s"])
+    assert n["dispatch_intra_s"] > d["dispatch_intra_s"]
+    assert n["latency_s"] == pytest.approx(7 / 3 * d["latency_s"])

@@ -22,6 +22,8 @@ def expert_flops_per_pair(meta: ModelMeta) -> int:
 
 
 EXCHANGE_PHASES = 3     # per micro-batch per MoE layer: counts exchange, dispatch, combine
+NODE_PHASES = 7         # node dispatch: counts, rows, routing (stage 1); counts, rows (stage 2);
+                        # combine inside the node, then across (docs/design.md §3)
 WIRE_BYTES = {"bf16": 2, "fp32": 4}   # docs/design.md §1: BF16 on the wire (production), fp32 (exact)
 
 # Bytes per weight element as the GEMM reads it: the numpy backend keeps weights in float32.
@@ -238,6 +240,8 @@ class Traffic:
     inter_pairs: float         # max over inter-node links (fat-tree: node uplink; direct: pair)
     offrank_pairs: float       # max over GPUs: pairs sent to / received from other slots
     tp_pairs: float            # per GPU: pairs all-gathered inside its TP group (intra-node)
+    node_share: float = 0.0    # node dispatch: crossing rows / crossing pairs (one row per
+                               # token and remote node); 0 = not known (uniform formula)
 
     @property
     def skew(self) -> float:
@@ -275,6 +279,26 @@ def traffic_from_pairs(pairs: np.ndarray, tp: int, gpus_per_node: int, link: str
         inter_pairs=inter,
         offrank_pairs=float(max(off.sum(axis=1).max(), off.sum(axis=0).max())) / tp,
         tp_pairs=(tp - 1) * float(recv.max()) / tp)
+
+
+def uniform_node_share(nodes: int, top_k: int) -> float:
+    """Rows crossing nodes under node dispatch per pair crossing under direct dispatch, for
+    uniform routing: a token's ``K`` experts on independent uniform nodes need ``(M - 1) (1 -
+    (1 - 1/M)^K)`` remote nodes against ``K (M - 1) / M`` remote pairs (M = 2, K = 2: 0.75;
+    the measured skewed routing on 2 x 8 ranks gave 0.76)."""
+    if nodes < 2:
+        return 1.0
+    return nodes * (1 - (1 - 1 / nodes) ** top_k) / top_k
+
+
+def by_node(traffic: Traffic, share: float, slots_per_node: int) -> Traffic:
+    """``traffic`` under node dispatch: ``share`` of the inter-node pairs cross (one row per
+    token and node), and the node's relays forward what crossed, spread over their
+    ``slots_per_node`` intra-node ports."""
+    import dataclasses
+    inter = traffic.inter_pairs * share
+    return dataclasses.replace(traffic, inter_pairs=inter,
+                               intra_pairs=traffic.intra_pairs + inter / slots_per_node)
 
 
 def uniform_pairs(ep: int, tp: int, tokens_per_gpu: int, top_k: int) -> np.ndarray:
@@ -465,7 +489,8 @@ def touch_shares(moe_layers: int, head: float = 0.0) -> list[float]:
 
 def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
                micro_batches: int, wire_bytes: int, layer: int,
-               experts_per_gpu: int = 1, touch_share: float = 0.0) -> LayerTimes:
+               experts_per_gpu: int = 1, touch_share: float = 0.0,
+               phases: int = EXCHANGE_PHASES) -> LayerTimes:
     """Predicted times of MoE layer ``layer`` cut into ``micro_batches``.
 
     ``blocking_s`` is the m = 1 layer.  The CPU terms of :func:`moe_compute` depend on m, so
@@ -477,9 +502,10 @@ def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: 
     dispatch = max(intra, inter)                        # links run concurrently: the slower one
     m = micro_batches
     return LayerTimes(layer, "moe", compute, intra, inter, dispatch, dispatch,
-                      EXCHANGE_PHASES * m * hw.latency_s, m,
-                      pipeline_time(compute1, 2 * dispatch, hw.latency_s, 1),
-                      pipeline_time(compute, 2 * dispatch, hw.latency_s, m), traffic.skew)
+                      phases * m * hw.latency_s, m,
+                      pipeline_time(compute1, 2 * dispatch, hw.latency_s, 1, phases),
+                      pipeline_time(compute, 2 * dispatch, hw.latency_s, m, phases),
+                      traffic.skew)
 
 
 @dataclass(frozen=True)
@@ -492,6 +518,7 @@ class Layout:
     tokens_per_gpu: int = 4096
     micro_batches: int = 0     # 0 = choose the best (auto)
     precision: str = "bf16"    # "bf16" production | "fp32" exact
+    dispatch: str = "direct"   # "direct" | "node" (node-deduplicated, docs/design.md §3)
 
     @property
     def num_gpus(self) -> int:
@@ -502,6 +529,8 @@ class Layout:
         return WIRE_BYTES[self.precision]
 
     def validate(self, gpus_per_node: int) -> "Layout":
+        if self.dispatch not in ("direct", "node"):
+            raise MoempiError(f"plan: dispatch must be direct or node, not {self.dispatch!r}")
         for name in ("ep", "tp", "dp", "tokens_per_gpu"):
             if getattr(self, name) < 1:
                 raise MoempiError(f"plan: {name} must be >= 1, got {getattr(self, name)}")
@@ -576,16 +605,23 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
     uniform = traffic_from_pairs(uniform_pairs(layout.ep, layout.tp, T, meta.top_k),
                                  layout.tp, hw.gpus_per_node, hw.link)
     per_layer = {l: (traffic or {}).get(l, uniform) for l in meta.moe_layers}
+    phases = EXCHANGE_PHASES
+    if layout.dispatch == "node":
+        spn = max(hw.gpus_per_node // layout.tp, 1)
+        share = uniform_node_share(math.ceil(layout.ep / spn), meta.top_k)
+        per_layer = {l: by_node(t, t.node_share or share, spn) for l, t in per_layer.items()}
+        phases = NODE_PHASES
     epg = experts_per_gpu(meta.num_experts, layout.ep)
     shares = touch_shares(len(per_layer), hw.first_touch_head)   # of the first touch
     m = layout.micro_batches
     if m == 0:
         cap = min(max_micro_batches, T)
-        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, s).overlapped_s
+        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, s,
+                               phases).overlapped_s
                     for (l, t), s in zip(per_layer.items(), shares)) for k in range(1, cap + 1)]
         m = 1 + int(np.argmin(np.round(sums, 15)))
     layers = [dense_layer_time(meta, hw, T, l, m) for l in range(meta.num_dense_layers)]
-    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, s)
+    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, s, phases)
                for (l, t), s in zip(per_layer.items(), shares)]
     skew = max((t.skew for t in per_layer.values()), default=1.0)
     weight_bytes = 4 if layout.precision == "fp32" else meta.weight_bytes
