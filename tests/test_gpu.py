@@ -175,3 +175,13 @@ def test_standin_refuses_a_copy_that_races_the_compute_stream():
         later = cp.empty((2, 3), dtype=np.float32)     # allocated after that wait: not covered
     with pytest.raises(cp.StreamOrderError):
         later.set(host, stream=copy)
+
+
+@pytest.mark.parametrize("precision,bound", [("fp32", 1e-4), ("bf16", BF16_BOUND)])
+def test_tensor_parallel_on_the_gpu_path(files, tmp_path, backend, precision, bound):
+    """(ep, tp) = (2, 2): each shard's GEMMs on the device, the pair weights repeated there."""
+    out = tmp_path / "tp.h5"
+    mpirun(4, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "--output", out,
+           "--set", "parallel.ep=2", "--set", "parallel.tp=2", "--micro-batches", "2",
+           "--precision", precision, *use(backend), timeout=180)
+    assert rel_l2(hidden(out), reference(files / "e4.h5", files / "tok.h5")) <= bound
