@@ -102,3 +102,17 @@ def test_node_dispatch_refused_where_it_does_not_apply(files, tmp_path):
     assert proc.returncode != 0
     [line] = proc.stderr.strip().splitlines()
     assert "pipeline.dispatch = node: not with parallel.tp > 1" in line
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-overlap"]])
+def test_node_dispatch_timed_count_and_blocking(files, tmp_path, extra):
+    """The start-up timing of the micro-batch count runs node exchangers too; and the
+    blocking exchange (every collective in micro-batch order)."""
+    out = tmp_path / "out.h5"
+    mpirun(4, "run", "--model", files / "e4.h5", "--tokens", files / "tok.h5", "--output", out,
+           "--placement", placement_file(tmp_path, 4, 4, 2, range(1, 6)),
+           "--set", "pipeline.dispatch=node", *extra, timeout=120)
+    with h5py.File(out, "r") as f:
+        assert rel_l2(f["hidden"][()], forward(str(files / "e4.h5"), str(files / "tok.h5"))) \
+            <= EXACT
+        assert bool(json.loads(f.attrs["tuning"])["micro_batch_seconds"]) == (not extra)

@@ -61,7 +61,7 @@ def time_micro_batches(world: MPI.Comm, ctx: Context, exchangers: list, x: np.nd
     meta = ctx.weights.meta
     moe = [layer for layer in ctx.weights.layers if layer.index in set(meta.moe_layers)]
     trial_weights = Weights(meta, moe[:TRIAL_LAYERS], None)
-    tel = Telemetry(meta.num_layers, len(meta.moe_layers), exchangers[0].comm.size,
+    tel = Telemetry(meta.num_layers, len(meta.moe_layers), ctx.telemetry.num_ranks,
                     meta.num_experts)
     trial = dataclasses.replace(ctx, weights=trial_weights, telemetry=tel,
                                 scheduler=Scheduler(tel), routing=None, on_layer_done=None,
