@@ -107,8 +107,12 @@ def _compare_run(path: str, topology) -> None:
 @click.option("--benchmark", is_flag=True, help="Run the benchmark (synthetic regimes x 2x8, "
               "4x8, 32x8 GPUs) and print its table.")
 @click.option("--quick", is_flag=True, help="With --benchmark: a smaller, faster benchmark.")
+@click.option("--dispatch", type=click.Choice(["direct", "node"]), default="direct",
+              show_default=True,
+              help="The run's pipeline.dispatch to place for and score: node counts a token "
+                   "once per remote node, so co-activated experts are put on one node.")
 def place(topology_path, model_path, preset, trace_path, synthetic, tokens_per_rank, seed, skew,
-          allow_packing, output, evaluate_path, compare_path, benchmark, quick):
+          allow_packing, output, evaluate_path, compare_path, benchmark, quick, dispatch):
     """Topology-aware expert placement: decide which GPU hosts which expert of each MoE layer.
 
     Minimises the most loaded inter-node link, then intra-node link, keeping at most one
@@ -127,7 +131,7 @@ def place(topology_path, model_path, preset, trace_path, synthetic, tokens_per_r
     try:
         if benchmark:
             from moempi.place.bench import run_benchmark
-            run_benchmark(echo=click.echo, quick=quick)
+            run_benchmark(echo=click.echo, quick=quick, dispatch=dispatch)
             return
         if not topology_path:
             raise MoempiError("place: --topology is required (except with --benchmark)")
@@ -136,13 +140,13 @@ def place(topology_path, model_path, preset, trace_path, synthetic, tokens_per_r
             _compare_run(compare_path, topology)
             return
         _place(topology, model_path, preset, trace_path, synthetic, tokens_per_rank, seed, skew,
-               allow_packing, output, evaluate_path)
+               allow_packing, output, evaluate_path, dispatch)
     except MoempiError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _place(topology, model_path, preset, trace_path, synthetic, tokens_per_rank, seed, skew,
-           allow_packing, output, evaluate_path):
+           allow_packing, output, evaluate_path, dispatch="direct"):
     from moempi.place.baselines import contiguous_placement, eplb_placement
     from moempi.place.optimise import place_experts
     from moempi.place.scoring import check_memory, evaluate
@@ -178,13 +182,14 @@ def _place(topology, model_path, preset, trace_path, synthetic, tokens_per_rank,
                               f"{topology.num_gpus} GPUs")
         placement.validate(topology.num_gpus, meta.num_experts, allow_packing, source=evaluate_path)
         check_memory(placement, topology, meta, evaluate_path)
-        columns = {"placement": evaluate(routing, placement, topology, meta),
+        columns = {"placement": evaluate(routing, placement, topology, meta, dispatch),
                    "contiguous": evaluate(routing, contiguous_placement(
-                       meta.num_experts, meta.moe_layers, topology), topology, meta),
-                   "eplb": evaluate(routing, eplb_placement(routing, topology), topology, meta)}
+                       meta.num_experts, meta.moe_layers, topology), topology, meta, dispatch),
+                   "eplb": evaluate(routing, eplb_placement(routing, topology), topology, meta,
+                                    dispatch)}
         click.echo(_table(columns))
         return
-    placement = place_experts(routing, topology, meta, allow_packing)
+    placement = place_experts(routing, topology, meta, allow_packing, dispatch)
     click.echo(_table({"ours": placement.objective, **placement.objective["baselines"]}))
     if output:
         placement.save(output)

@@ -44,7 +44,8 @@ from moempi.model.shapes import ModelMeta
 from moempi.place.placement import Placement
 from moempi.place.baselines import (_lpt, _meta_topology, contiguous_placement, eplb_placement, hosts_from_instances, instances, rank_slots)
 from moempi.place.routing import RoutingTrace
-from moempi.place.scoring import check_memory, evaluate, layer_key, link_loads, traffic_matrix
+from moempi.place.scoring import (check_memory, evaluate, layer_key, link_loads,
+                                  node_dispatch_inter, traffic_matrix)
 
 
 def _contrib(pairs: np.ndarray, count: np.ndarray, link: str):
@@ -270,9 +271,65 @@ def optimise_layer(routing: RoutingTrace, pos: int, topology: Topology, baseline
     return candidates[min(range(len(keys)), key=lambda k: (keys[k], k))]
 
 
+def _node_key(routing: RoutingTrace, pos: int, hosts, topology: Topology) -> tuple:
+    """Node dispatch's objective of one layer: (busiest inter-node link, all inter-node rows,
+    busiest GPU), exactly as the runner routes."""
+    layer = routing.moe_layers[pos]
+    placement = Placement(topology.num_gpus, len(hosts), {layer: hosts}, topology.gpus_per_node)
+    inter = node_dispatch_inter(routing, pos, placement, topology)
+    gpu = traffic_matrix(routing.topk_idx[pos], routing.home_rank, placement, layer).sum(0)
+    return float(inter.max(initial=0)), float(inter.sum()), float(gpu.max(initial=0))
+
+
+def _swap(hosts, a: int, b: int):
+    """``hosts`` with GPUs ``a`` and ``b`` exchanging everything they host."""
+    relabel = {a: b, b: a}
+    return [tuple(sorted(relabel.get(r, r) for r in ranks)) for ranks in hosts]
+
+
+def node_refine(routing: RoutingTrace, pos: int, hosts, topology: Topology,
+                max_rounds: int = 64):
+    """Improve ``hosts`` for node dispatch, where a token crosses to a node once whatever the
+    number of its experts there, so co-activated experts belong on one node.
+
+    Swaps two GPUs of different nodes (everything they host, so every GPU's compute load and
+    slab count stays, only its node changes); each round tries the swaps of a GPU on a node of
+    the busiest inter-node link with every GPU elsewhere and applies the one that most lowers
+    (busiest link, all inter-node rows), exactly scored (:func:`_node_key`).  Stops when none
+    does.  Deterministic: ties go to the lower pair."""
+    g, M = topology.gpus_per_node, topology.nodes
+    slabs = np.zeros(topology.num_gpus, dtype=np.int64)
+    for ranks in hosts:
+        slabs[list(ranks)] += 1
+    key = _node_key(routing, pos, hosts, topology)
+    for _ in range(max_rounds):
+        placement = Placement(topology.num_gpus, len(hosts), {routing.moe_layers[pos]: hosts}, g)
+        inter = node_dispatch_inter(routing, pos, placement, topology)
+        link = int(inter.argmax())
+        busy = [link % M] if topology.link == "fat-tree" else [link // M, link % M]
+        best = None
+        for node in busy:
+            for a in range(node * g, (node + 1) * g):
+                for b in range(topology.num_gpus):
+                    if b // g == node or slabs[a] != slabs[b]:
+                        continue
+                    trial = _swap(hosts, a, b)
+                    k = _node_key(routing, pos, trial, topology)
+                    if k[:2] < key[:2] and k[2] <= key[2] and (best is None or k < best[0]):
+                        best = (k, trial)
+        if best is None:
+            break
+        key, hosts = best
+    return hosts
+
+
 def place_experts(routing: RoutingTrace, topology: Topology, meta: ModelMeta,
-                  allow_packing: bool = False) -> Placement:
-    """Optimise every MoE layer's placement; the result carries its objective and the baselines'."""
+                  allow_packing: bool = False, dispatch: str = "direct") -> Placement:
+    """Optimise every MoE layer's placement; the result carries its objective and the baselines'.
+
+    ``dispatch = "node"``: each layer's result is refined for node dispatch
+    (:func:`node_refine`) and scored that way, beside the baselines scored the same way; the
+    best of the three by node dispatch's objective is kept."""
     P, E = topology.num_gpus, meta.num_experts
     routing.check_model(meta, routing.source)
     if routing.num_ranks != P:
@@ -290,12 +347,17 @@ def place_experts(routing: RoutingTrace, topology: Topology, meta: ModelMeta,
     eplb = eplb_placement(routing, topology)
     hosts = {}
     for pos, layer in enumerate(routing.moe_layers):
-        hosts[layer] = optimise_layer(routing, pos, topology,
-                                      [contiguous.hosts[layer], eplb.hosts[layer]])
+        baselines = [contiguous.hosts[layer], eplb.hosts[layer]]
+        hosts[layer] = optimise_layer(routing, pos, topology, baselines)
+        if dispatch == "node":
+            options = [node_refine(routing, pos, hosts[layer], topology), *baselines]
+            keys = [_node_key(routing, pos, h, topology) for h in options]
+            hosts[layer] = options[min(range(len(keys)), key=lambda k: (keys[k], k))]
     ours = Placement(P, E, hosts, topology.gpus_per_node, _meta_topology(topology))
     check_memory(ours, topology, meta)
-    objective = evaluate(routing, ours, topology, meta)
+    objective = evaluate(routing, ours, topology, meta, dispatch)
     objective["routing"] = routing.source
-    objective["baselines"] = {"contiguous": evaluate(routing, contiguous, topology, meta),
-                              "eplb": evaluate(routing, eplb, topology, meta)}
+    objective["dispatch"] = dispatch
+    objective["baselines"] = {"contiguous": evaluate(routing, contiguous, topology, meta, dispatch),
+                              "eplb": evaluate(routing, eplb, topology, meta, dispatch)}
     return dataclasses.replace(ours, objective=objective)

@@ -64,6 +64,27 @@ def traffic_matrix(topk_idx: np.ndarray, home_rank: np.ndarray, placement: Place
     return np.bincount(src * P + dest[live], minlength=P * P).reshape(P, P)
 
 
+def node_rows(dest: np.ndarray, home_rank: np.ndarray, gpus_per_node: int,
+              nodes: int) -> np.ndarray:
+    """Rows from node a to node b under node dispatch: each token once per node holding one
+    of its pairs (``dest`` `[N, K]`, -1 = dropped): `[M, M]` int64, the diagonal its own node."""
+    on = np.where(dest >= 0, dest // gpus_per_node, -1)                       # [N, K]
+    need = (on[:, :, None] == np.arange(nodes)[None, None, :]).any(axis=1)    # [N, M]
+    home = home_rank // gpus_per_node
+    out = np.zeros((nodes, nodes), dtype=np.int64)
+    np.add.at(out, home, need.astype(np.int64))
+    return out
+
+
+def inter_links(node_traffic: np.ndarray, link: str) -> np.ndarray:
+    """Tokens on each inter-node link of a node-to-node matrix (the diagonal crosses none)."""
+    node_traffic = node_traffic.copy()
+    np.fill_diagonal(node_traffic, 0)
+    if link == "fat-tree":
+        return np.concatenate([node_traffic.sum(1), node_traffic.sum(0)])
+    return node_traffic.reshape(-1)
+
+
 def link_loads(traffic: np.ndarray, topology: Topology) -> dict[str, np.ndarray]:
     """Tokens on each link for one layer's traffic `[P, P]` (int or float).
 
@@ -74,12 +95,7 @@ def link_loads(traffic: np.ndarray, topology: Topology) -> dict[str, np.ndarray]
     """
     M, g = topology.nodes, topology.gpus_per_node
     blocks = traffic.reshape(M, g, M, g)
-    node_traffic = blocks.sum(axis=(1, 3))               # [M, M]
-    np.fill_diagonal(node_traffic, 0)
-    if topology.link == "fat-tree":
-        inter = np.concatenate([node_traffic.sum(1), node_traffic.sum(0)])
-    else:
-        inter = node_traffic.reshape(-1)
+    inter = inter_links(blocks.sum(axis=(1, 3)), topology.link)
     same_node = np.stack([blocks[n, :, n, :] for n in range(M)])    # [M, g, g]
     diag = np.einsum("nii->ni", same_node)
     intra_out = (same_node.sum(2) - diag).reshape(-1)
@@ -104,13 +120,26 @@ def memory_per_gpu(placement: Placement, meta: ModelMeta) -> np.ndarray:
     return slabs * meta.expert_bytes
 
 
+def node_dispatch_inter(routing: RoutingTrace, pos: int, placement: Placement,
+                        topology: Topology) -> np.ndarray:
+    """Tokens on each inter-node link in MoE layer number ``pos`` under node dispatch."""
+    dest = dest_ranks(routing.topk_idx[pos], routing.home_rank, placement,
+                      routing.moe_layers[pos])
+    return inter_links(node_rows(dest, routing.home_rank, topology.gpus_per_node,
+                                 topology.nodes), topology.link)
+
+
 def evaluate(routing: RoutingTrace, placement: Placement, topology: Topology,
-             meta: ModelMeta) -> dict:
-    """Objective values of ``placement`` on ``routing`` (max over MoE layers), as JSON-ready numbers."""
+             meta: ModelMeta, dispatch: str = "direct") -> dict:
+    """Objective values of ``placement`` on ``routing`` (max over MoE layers), as JSON-ready
+    numbers; ``dispatch = "node"``: the inter-node links carry one row per token and remote
+    node (``pipeline.dispatch = "node"``)."""
     per_layer = []
     for pos, layer in enumerate(routing.moe_layers):
         traffic = traffic_matrix(routing.topk_idx[pos], routing.home_rank, placement, layer)
         loads = link_loads(traffic, topology)
+        if dispatch == "node":
+            loads["inter"] = node_dispatch_inter(routing, pos, placement, topology)
         per_layer.append(layer_key(loads) + (int(loads["inter"].sum()),))
     arr = np.array(per_layer, dtype=np.float64).reshape(-1, 4)
     memory = memory_per_gpu(placement, meta)
