@@ -355,3 +355,25 @@ def test_placement_for_node_dispatch_puts_co_activated_experts_together():
     assert ours["max_gpu_tokens"] <= as_direct["max_gpu_tokens"]
     # scored under node dispatch a placement never crosses more than under the direct one
     assert as_direct[link] <= direct.objective[link]
+
+
+def test_time_objective_trades_link_load_for_compute_balance():
+    """`--objective time` keeps, per layer, the candidate with the least predicted layer time
+    (the slower of busiest GPU compute and busiest link transfer): never slower than the
+    link-first placement or either baseline, and on 2 x 8 GPUs with 24 experts and uniform
+    routing it gives up link load for the busiest GPU's (the links objective's weak spot)."""
+    from moempi.io.topology import Topology
+    from moempi.model.shapes import PRESETS
+    from moempi.place.optimise import place_experts
+    from moempi.place.routing import synthetic_routing
+    topo = Topology(nodes=2, gpus_per_node=8)
+    meta = PRESETS["deepseek-v3"].replace(num_experts=24, num_layers=5)
+    routing = synthetic_routing("uniform", 16, meta, 64, seed=0, gpus_per_node=8)
+    links = place_experts(routing, topo, meta, allow_packing=True).objective
+    timed = place_experts(routing, topo, meta, allow_packing=True, objective="time").objective
+    t = "predicted_moe_layers_ms"
+    assert timed["objective"] == "time" and timed[t] <= links[t]
+    for base in ("contiguous", "eplb"):
+        assert timed[t] <= timed["baselines"][base][t], base
+    assert timed["max_gpu_tokens"] < links["max_gpu_tokens"]
+    assert timed["max_inter_node_link_tokens"] > links["max_inter_node_link_tokens"]

@@ -111,8 +111,14 @@ def _compare_run(path: str, topology) -> None:
               show_default=True,
               help="The run's pipeline.dispatch to place for and score: node counts a token "
                    "once per remote node, so co-activated experts are put on one node.")
+@click.option("--objective", type=click.Choice(["links", "time"]), default="links",
+              show_default=True,
+              help="links: the busiest inter-node link first, then intra-node, then compute; "
+                   "time: the least predicted MoE layer time, the slower of the busiest GPU's "
+                   "compute and the busiest link's transfer (topology figures).")
 def place(topology_path, model_path, preset, trace_path, synthetic, tokens_per_rank, seed, skew,
-          allow_packing, output, evaluate_path, compare_path, benchmark, quick, dispatch):
+          allow_packing, output, evaluate_path, compare_path, benchmark, quick, dispatch,
+          objective):
     """Topology-aware expert placement: decide which GPU hosts which expert of each MoE layer.
 
     Minimises the most loaded inter-node link, then intra-node link, keeping at most one
@@ -131,7 +137,7 @@ def place(topology_path, model_path, preset, trace_path, synthetic, tokens_per_r
     try:
         if benchmark:
             from moempi.place.bench import run_benchmark
-            run_benchmark(echo=click.echo, quick=quick, dispatch=dispatch)
+            run_benchmark(echo=click.echo, quick=quick, dispatch=dispatch, objective=objective)
             return
         if not topology_path:
             raise MoempiError("place: --topology is required (except with --benchmark)")
@@ -140,13 +146,13 @@ def place(topology_path, model_path, preset, trace_path, synthetic, tokens_per_r
             _compare_run(compare_path, topology)
             return
         _place(topology, model_path, preset, trace_path, synthetic, tokens_per_rank, seed, skew,
-               allow_packing, output, evaluate_path, dispatch)
+               allow_packing, output, evaluate_path, dispatch, objective)
     except MoempiError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _place(topology, model_path, preset, trace_path, synthetic, tokens_per_rank, seed, skew,
-           allow_packing, output, evaluate_path, dispatch="direct"):
+           allow_packing, output, evaluate_path, dispatch="direct", objective="links"):
     from moempi.place.baselines import contiguous_placement, eplb_placement
     from moempi.place.optimise import place_experts
     from moempi.place.scoring import check_memory, evaluate
@@ -189,7 +195,7 @@ def _place(topology, model_path, preset, trace_path, synthetic, tokens_per_rank,
                                     dispatch)}
         click.echo(_table(columns))
         return
-    placement = place_experts(routing, topology, meta, allow_packing, dispatch)
+    placement = place_experts(routing, topology, meta, allow_packing, dispatch, objective)
     click.echo(_table({"ours": placement.objective, **placement.objective["baselines"]}))
     if output:
         placement.save(output)

@@ -17,7 +17,7 @@ METHODS = ("contiguous", "eplb", "ours")
 
 
 def run_benchmark(echo=print, quick: bool = False, seed: int = 0,
-                  dispatch: str = "direct") -> list[dict]:
+                  dispatch: str = "direct", objective: str = "links") -> list[dict]:
     """Optimise and score every (topology, regime) case; print a markdown table; return its rows.
 
     Each row: ``gpus`` ("2x8"), ``experts``, ``regime``, ``seconds`` (the optimiser's time) and
@@ -37,7 +37,7 @@ def run_benchmark(echo=print, quick: bool = False, seed: int = 0,
             start = time.perf_counter()
             placement = place_experts(routing, topology, meta,
                                       allow_packing=num_experts > topology.num_gpus,
-                                      dispatch=dispatch)
+                                      dispatch=dispatch, objective=objective)
             row = {"gpus": f"{nodes}x{gpus_per_node}", "experts": num_experts, "regime": regime,
                    "seconds": time.perf_counter() - start}
             scores = dict(placement.objective["baselines"], ours=placement.objective)

@@ -45,7 +45,7 @@ from moempi.place.placement import Placement
 from moempi.place.baselines import (_lpt, _meta_topology, contiguous_placement, eplb_placement, hosts_from_instances, instances, rank_slots)
 from moempi.place.routing import RoutingTrace
 from moempi.place.scoring import (check_memory, evaluate, layer_key, link_loads,
-                                  node_dispatch_inter, traffic_matrix)
+                                  node_dispatch_inter, predicted_layer_s, traffic_matrix)
 
 
 def _contrib(pairs: np.ndarray, count: np.ndarray, link: str):
@@ -323,14 +323,33 @@ def node_refine(routing: RoutingTrace, pos: int, hosts, topology: Topology,
     return hosts
 
 
+def _time_key(routing: RoutingTrace, pos: int, hosts, topology: Topology, meta: ModelMeta,
+              dispatch: str) -> tuple:
+    """(predicted layer time, busiest link, busiest GPU) of one layer's hosts."""
+    if dispatch == "node":
+        link, _, gpu = _node_key(routing, pos, hosts, topology)
+    else:
+        link, _, gpu = _exact_key(routing, pos, hosts, topology)
+    return predicted_layer_s(gpu, link, meta, topology), link, gpu
+
+
 def place_experts(routing: RoutingTrace, topology: Topology, meta: ModelMeta,
-                  allow_packing: bool = False, dispatch: str = "direct") -> Placement:
+                  allow_packing: bool = False, dispatch: str = "direct",
+                  objective: str = "links") -> Placement:
     """Optimise every MoE layer's placement; the result carries its objective and the baselines'.
 
     ``dispatch = "node"``: each layer's result is refined for node dispatch
     (:func:`node_refine`) and scored that way, beside the baselines scored the same way; the
-    best of the three by node dispatch's objective is kept."""
+    best of the three by node dispatch's objective is kept.
+
+    ``objective = "time"``: of the same candidates (ours and the two baselines) each layer
+    keeps the one with the least predicted layer time (:func:`predicted_layer_s`: the slower
+    of the busiest GPU's compute and the busiest link's transfer), so a little more link load
+    can buy less compute imbalance, and the other way round."""
     P, E = topology.num_gpus, meta.num_experts
+    objective_name = objective
+    if objective not in ("links", "time"):
+        raise MoempiError(f"place: objective must be links or time, not {objective!r}")
     routing.check_model(meta, routing.source)
     if routing.num_ranks != P:
         raise MoempiError(f"{routing.source}: routing is for {routing.num_ranks} ranks but the "
@@ -353,11 +372,16 @@ def place_experts(routing: RoutingTrace, topology: Topology, meta: ModelMeta,
             options = [node_refine(routing, pos, hosts[layer], topology), *baselines]
             keys = [_node_key(routing, pos, h, topology) for h in options]
             hosts[layer] = options[min(range(len(keys)), key=lambda k: (keys[k], k))]
+        if objective == "time":
+            options = [hosts[layer], *baselines]
+            keys = [_time_key(routing, pos, h, topology, meta, dispatch) for h in options]
+            hosts[layer] = options[min(range(len(keys)), key=lambda k: (keys[k], k))]
     ours = Placement(P, E, hosts, topology.gpus_per_node, _meta_topology(topology))
     check_memory(ours, topology, meta)
     objective = evaluate(routing, ours, topology, meta, dispatch)
     objective["routing"] = routing.source
     objective["dispatch"] = dispatch
+    objective["objective"] = objective_name
     objective["baselines"] = {"contiguous": evaluate(routing, contiguous, topology, meta, dispatch),
                               "eplb": evaluate(routing, eplb, topology, meta, dispatch)}
     return dataclasses.replace(ours, objective=objective)

@@ -104,6 +104,19 @@ def link_loads(traffic: np.ndarray, topology: Topology) -> dict[str, np.ndarray]
             "gpu_tokens": traffic.sum(0)}
 
 
+def predicted_layer_s(gpu_tokens: float, link_tokens: float, meta: ModelMeta,
+                      topology: Topology) -> float:
+    """The performance model's MoE layer time, the slower of the busiest GPU's expert GEMMs
+    (``4 H F`` FLOPs a pair at ``peak_tflops x mfu``) and the busiest inter-node link's
+    dispatch and combine (``2 x H`` BF16 bytes a row each way at bandwidth x utilisation):
+    the two overlap, so the layer takes the larger (docs/plan.md)."""
+    compute = gpu_tokens * 4 * meta.hidden_size * meta.moe_ffn_size / (
+        topology.peak_tflops * 1e12 * topology.mfu)
+    link = 2 * link_tokens * meta.hidden_size * 2 / (
+        topology.inter_node_bandwidth_gbs * 1e9 * topology.utilisation)
+    return max(compute, link)
+
+
 def layer_key(loads: dict[str, np.ndarray]) -> tuple:
     """Lexicographic objective of one layer: inter-node links, then intra-node, then compute."""
     inter = float(loads["inter"].max()) if loads["inter"].size else 0.0
@@ -142,6 +155,7 @@ def evaluate(routing: RoutingTrace, placement: Placement, topology: Topology,
             loads["inter"] = node_dispatch_inter(routing, pos, placement, topology)
         per_layer.append(layer_key(loads) + (int(loads["inter"].sum()),))
     arr = np.array(per_layer, dtype=np.float64).reshape(-1, 4)
+    times = [predicted_layer_s(gpu, inter, meta, topology) for inter, _, gpu, _ in arr]
     memory = memory_per_gpu(placement, meta)
     node_memory = memory.reshape(topology.nodes, topology.gpus_per_node).sum(1)
     return {
@@ -150,6 +164,7 @@ def evaluate(routing: RoutingTrace, placement: Placement, topology: Topology,
         "max_gpu_tokens": int(arr[:, 2].max(initial=0)),
         "sum_layer_max_inter_node_link_tokens": int(arr[:, 0].sum()),
         "inter_node_tokens": int(arr[:, 3].sum()),
+        "predicted_moe_layers_ms": round(1e3 * float(sum(times)), 4),
         "max_gpu_memory_gb": round(float(memory.max()) / 1e9, 3),
         "node_memory_spread_gb": round(float(node_memory.max() - node_memory.min()) / 1e9, 3),
     }
