@@ -198,3 +198,48 @@ def test_example_inputs_are_valid():
             assert load_topology(str(path)).num_gpus >= 1
         else:
             load_config(str(path)).validate()
+
+
+# -- expert GEMM chunks ------------------------------------------------------------------
+def _chunked_experts(chunk: int, recv, experts):
+    """``MicroBatch._experts`` on received rows ``recv`` (one local expert), with exchanges
+    always in flight, so every piece the chunk allows is cut."""
+    from types import SimpleNamespace
+    from moempi.runtime.backend import HostBackend
+    from moempi.runtime.pipeline import MicroBatch
+    meta = SimpleNamespace(activation="silu")
+    ctx = SimpleNamespace(weights=SimpleNamespace(meta=meta), backend=HostBackend(),
+                          scheduler=SimpleNamespace(poll=lambda: True), chunk_rows=chunk)
+    plan = SimpleNamespace(expert_slices=lambda: iter([(0, slice(0, len(recv)))]))
+    ex = SimpleNamespace(output_buffer=lambda plan: None)
+    mb = SimpleNamespace(ctx=ctx, xp=np, _compute=lambda *a: None)
+    return MicroBatch._experts(mb, SimpleNamespace(experts=experts, index=0), plan, recv, ex)
+
+
+@pytest.mark.parametrize("hidden,ffn", [(64, 32), (1024, 256)])
+def test_expert_chunks_change_no_bit(hidden, ffn):
+    """Chunks of the measured size (a multiple of the BLAS's row quantum, checked at
+    start-up) give every row the whole GEMM's bits, with pieces cut at every chance.  A
+    chunk off the quantum does not on this project's BLAS (OpenBLAS, Haswell kernels: 8
+    rows), which is why the quantum is measured."""
+    import os
+    from mpi4py import MPI
+    from types import SimpleNamespace
+    from moempi.runtime import tune
+    if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+        pytest.skip("needs one BLAS thread, as make test sets (with more, OpenBLAS splits "
+                    "rows between threads by size and no quantum holds: no chunks then)")
+    meta = SimpleNamespace(hidden_size=hidden, moe_ffn_size=ffn, activation="silu")
+    chunk, quantum, _ = tune.chunk_rows(meta, MPI.COMM_SELF, given=1)
+    assert quantum and chunk == quantum
+    rng = np.random.default_rng(3)
+    experts = {0: (rng.standard_normal((hidden, ffn), dtype=np.float32) / 8,
+                   rng.standard_normal((ffn, hidden), dtype=np.float32) / 8)}
+    recv = rng.standard_normal((10 * quantum + 7, hidden), dtype=np.float32)
+    whole = _chunked_experts(0, recv, experts)
+    for size in (quantum, 2 * quantum, tune.chunk_rows(meta, MPI.COMM_SELF)[0]):
+        assert np.array_equal(_chunked_experts(size, recv, experts), whole), size
+    off = [q for q in (4, 8, 16) if q % quantum]
+    differs = [q for q in off if not np.array_equal(_chunked_experts(q, recv, experts), whole)]
+    if not differs:
+        pytest.skip("this BLAS computes rows alike in any piece: nothing to plant")

@@ -219,7 +219,7 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
     """
     weights, placement, x = synthetic(comm, shape)
     meta = weights.meta
-    chunk, _ = tune.chunk_rows(meta, comm)
+    chunk, _, _ = tune.chunk_rows(meta, comm)
     counts = tune.candidates(len(x), 16)
     forward(comm, weights, placement, x, max(counts), True, chunk_rows=chunk, replay=False)
     fixed = {m: float("inf") for m in counts}

@@ -322,9 +322,10 @@ class MicroBatch:
         """The local experts on the received rows `[R, H]`.
 
         On the CPU, while exchanges are in flight, an expert's rows are cut into chunks of
-        at least ``chunk_rows`` with MPI progress between them; once nothing is in flight
-        the rest is one GEMM.  Every piece but a lone one has at least ``chunk_rows`` rows
-        (never a small tail), so each row comes out as in one GEMM.  On a GPU an expert is
+        ``chunk_rows`` with MPI progress between them; once nothing is in flight the rest
+        is one GEMM.  Every piece but the last has exactly ``chunk_rows`` rows, a multiple of
+        the BLAS's row quantum (:func:`moempi.runtime.tune.row_quantum`), so each row comes
+        out as in one GEMM.  On a GPU an expert is
         one GEMM enqueued on the backend's stream, and the polls run while the GPU works.
         """
         meta, backend = self.ctx.weights.meta, self.ctx.backend

@@ -217,9 +217,14 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     given = resumed_micro or cfg.pipeline.micro_batches or (0 if cfg.pipeline.overlap else 1)
     counts = [given] if given else \
         tune.candidates(min(batch, max_local), cfg.pipeline.max_micro_batches)
-    chunk, gemm_rates = cfg.pipeline.chunk_rows, {}
-    if not chunk and not backend.gpu and cfg.pipeline.overlap and counts != [1]:
-        chunk, gemm_rates = tune.chunk_rows(meta, world)
+    # the expert GEMM chunk (CPU, overlapped, more than one micro-batch): the config's or
+    # measured, a multiple of the BLAS's row quantum, checked to change no bit
+    chunk, quantum, gemm_rates = 0, 0, {}
+    if not backend.gpu and cfg.pipeline.overlap and counts != [1]:
+        chunk, quantum, gemm_rates = tune.chunk_rows(meta, world, cfg.pipeline.chunk_rows)
+        if not chunk:
+            say(world, "expert GEMMs are not cut into chunks: no chunk size of this BLAS "
+                       "reproduces the whole GEMM bit for bit on these shapes")
     ctx = Context(weights, placement, layout.ep_rank, layout.rank_offset, balancer.bias,
                   tel, WatchedScheduler(tel), backend, None, cfg.balance.capacity_factor,
                   cfg.balance.overflow == "reroute", chunk_rows=chunk, tp=layout.tp)
@@ -307,7 +312,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             dispatch=cfg.pipeline.dispatch, gpus_per_node=gpus_per_node,
             tuning={"micro_batch_seconds": {str(m): t for m, t in trials.items()},
                     "trial_moe_layers": tune.TRIAL_LAYERS if trials else 0,
-                    "chunk_rows": chunk,
+                    "chunk_rows": chunk, "row_quantum": quantum,
                     "gemm_flops_by_rows": {str(r): f for r, f in gemm_rates.items()}},
             versions=versions(), command_line=command_line, devices=devices,
             forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
