@@ -31,6 +31,17 @@ def test_bench_all_quick(tmp_path):
             (auto_ms + 0.05) / max(best_ms - 0.05, 1e-9) + 1e-3
     assert len(ratios(out, "auto/best")) == 2
     assert len(re.findall(r"over the plain-GEMM floor \([0-9.]+ ms\) ([0-9.]+)", out)) == 2
+    # the gap is explained by measurement: each exchange's bound from its local steps' bytes
+    # at the copy rate (a ratio can only approach it), and the layer's time by part
+    measured, bounds = ratios(out, "-> ratio")[1:], ratios(out, "can reach at most")
+    assert len(bounds) == 2 and all(0 < b < 1 for b in bounds)
+    assert all(r <= b * 1.1 for r, b in zip(measured, bounds))
+    for m in re.finditer(r"fastest of 3 more passes at \d+: ([0-9.]+) ms\): expert ([0-9.]+) ms, "
+                         r"gate ([0-9.]+) ms, exchange local work ([0-9.]+) ms, MPI calls "
+                         r"([0-9.-]+) ms, waiting on exchanges ([0-9.]+) ms", out):
+        total, pieces = float(m[1]), [float(v) for v in m.groups()[1:]]
+        assert 0.8 * total <= sum(pieces) <= total * 1.01 + 0.5
+    assert out.count("where it goes") == 2
     data = json.loads(cal.read_text())
     assert data["format"] == "moempi-calibration" and data["gemm_flops"] > 0
 

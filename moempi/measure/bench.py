@@ -177,11 +177,52 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
         ex.close()
     ours, raw = comm.allreduce(ours, op=MPI.MAX), comm.allreduce(raw, op=MPI.MAX)
     nbytes = comm.allreduce(2 * plan.num_send * meta.hidden_size * itemsize)
-    result = {"ours_s": ours, "raw_s": raw, "ratio": raw / ours, "bytes": nbytes}
+    # what the local steps must read and write at least, at this machine's copy rate: the
+    # best ratio any implementation of these steps on this memory could reach
+    touched = local_bytes(precision, plan.num_send, plan.num_recv, len(x), meta.hidden_size)
+    rate = copy_rate(comm, 4 * len(x) * meta.hidden_size)
+    floor = comm.allreduce(touched / rate, op=MPI.MAX)
+    result = {"ours_s": ours, "raw_s": raw, "ratio": raw / ours, "bytes": nbytes,
+              "local_floor_s": floor, "copy_rate": rate, "ratio_bound": raw / (raw + floor)}
     echo(f"exchange ({shape.name}, {precision}, {nbytes / 2**20:.1f} MiB both ways): dispatch+combine "
          f"{nbytes / ours / 1e9:.2f} GB/s vs raw Alltoallv {nbytes / raw / 1e9:.2f} GB/s "
          f"-> ratio {raw / ours:.2f}")
+    echo(f"  its local steps ({LOCAL_STEPS[precision]}) read and write {touched / 2**20:.0f} MiB "
+         f"per rank: at this machine's copy rate ({rate / 1e9:.1f} GB/s read+write, all ranks "
+         f"copying) at least {floor * 1e3:.1f} ms on top of the raw {raw * 1e3:.1f} ms -> the "
+         f"ratio can reach at most {result['ratio_bound']:.2f}")
     return result
+
+
+LOCAL_STEPS = {"fp32": "gather the rows, weighted sum of the returned rows",
+               "bf16": "gather and round to BF16, widen, round the expert output, weighted "
+                       "sum widening the returned rows"}
+
+
+def local_bytes(precision: str, sent: int, received: int, tokens: int, hidden: int) -> int:
+    """Bytes the exchange's local steps read plus write on one rank, at least: the rows
+    ``sent`` gathered from the tokens into the send buffer, the ``received`` rows decoded
+    and their outputs encoded (BF16), and the weighted sum reading the returned rows and
+    reading and writing the ``tokens`` rows of the residual stream."""
+    f32, wire = 4 * hidden, (2 if precision == "bf16" else 4) * hidden
+    gather = sent * (f32 + wire)
+    codec = 2 * received * (f32 + wire) if precision == "bf16" else 0
+    weighted = sent * wire + 2 * tokens * f32
+    return gather + codec + weighted
+
+
+def copy_rate(comm, nbytes: int, repeats: int = 5) -> float:
+    """Bytes read plus written per second by one large ``np.copyto`` on each rank, all ranks
+    copying at once (they share the memory bus); best of ``repeats``."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        comm.Barrier()
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best
 
 
 def bench_overlap(comm, shape: Shape, echo, micro_batches: int = 4) -> dict:
@@ -243,15 +284,28 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
     floor = 4.0 * rows * meta.hidden_size * meta.moe_ffn_size / plain_gemm_flops(
         meta.hidden_size, meta.moe_ffn_size, max(1, rows // shape.layers), repeats=5)
     floor = comm.allreduce(floor, op=MPI.MAX)
+    # where the layer's time beyond the floor goes, at the chosen count: the slowest rank's
+    # telemetry of the fastest of 3 more passes
+    t, tel, _ = min((forward(comm, weights, placement, x, auto, True, chunk_rows=chunk,
+                             replay=False) for _ in range(3)), key=lambda run: run[0])
+    sec = {k: v.sum() for k, v in tel.seconds.items()}
+    parts = {"expert": sec["expert"], "gate": sec["gate"], "exchange local work": sec["pack"] + (
+        sec["compute"] - sec["gate"] - sec["expert"] - sec["pack"]),
+        "MPI calls": sec["busy"] - sec["compute"], "waiting on exchanges": sec["wait"]}
+    slowest = comm.allreduce((sec["busy"] + sec["wait"], comm.rank), op=MPI.MAXLOC)[1]
+    parts = comm.bcast(parts, root=slowest)
     result = {"fixed_s": fixed, "auto": auto, "best": best, "chunk_rows": chunk,
               "auto_vs_best": fixed[auto] / fixed[best],
-              "layer_vs_floor": fixed[auto] / floor, "floor_s": floor}
+              "layer_vs_floor": fixed[auto] / floor, "floor_s": floor, "breakdown_s": parts}
     echo(f"micro-batches ({shape.name}, H={shape.hidden} F={shape.ffn}, {shape.tokens} "
          f"tokens/rank, {shape.layers} MoE layer(s), GEMM chunk {chunk} rows): " + ", ".join(
              f"{m}: {t * 1e3:.1f} ms" for m, t in fixed.items()))
     echo(f"  auto {auto} ({fixed[auto] * 1e3:.1f} ms), best fixed {best} "
          f"({fixed[best] * 1e3:.1f} ms) -> auto/best {result['auto_vs_best']:.3f}; layer time "
          f"over the plain-GEMM floor ({floor * 1e3:.1f} ms) {result['layer_vs_floor']:.2f}")
+    echo(f"  where it goes (slowest rank, fastest of 3 more passes at {auto}: {t * 1e3:.1f} ms): " +
+         ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts.items()) +
+         f"; beyond the floor: {(t - floor) * 1e3:.1f} ms")
     return result
 
 
