@@ -250,7 +250,7 @@ def bench_overlap(comm, shape: Shape, echo, micro_batches: int = 4) -> dict:
     return result
 
 
-def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
+def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 4) -> dict:
     """The start-up choice of the micro-batch count (``moempi run``'s, :mod:`runtime.tune`)
     against every fixed count, and the layer time over the plain-GEMM compute floor.
 
@@ -284,7 +284,7 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
     floor = 4.0 * rows * meta.hidden_size * meta.moe_ffn_size / plain_gemm_flops(
         meta.hidden_size, meta.moe_ffn_size, max(1, rows // shape.layers), repeats=5)
     floor = comm.allreduce(floor, op=MPI.MAX)
-    # where the layer's time beyond the floor goes, at the chosen count: the slowest rank's
+    # where the layer's time beyond the floor goes, at the chosen count: the busiest rank's
     # telemetry of the fastest of 3 more passes
     t, tel, _ = min((forward(comm, weights, placement, x, auto, True, chunk_rows=chunk,
                              replay=False) for _ in range(3)), key=lambda run: run[0])
@@ -292,7 +292,7 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
     parts = {"expert": sec["expert"], "gate": sec["gate"], "exchange local work": sec["pack"] + (
         sec["compute"] - sec["gate"] - sec["expert"] - sec["pack"]),
         "MPI calls": sec["busy"] - sec["compute"], "waiting on exchanges": sec["wait"]}
-    slowest = comm.allreduce((sec["busy"] + sec["wait"], comm.rank), op=MPI.MAXLOC)[1]
+    slowest = comm.allreduce((sec["busy"], comm.rank), op=MPI.MAXLOC)[1]   # the one the others wait for
     parts = comm.bcast(parts, root=slowest)
     result = {"fixed_s": fixed, "auto": auto, "best": best, "chunk_rows": chunk,
               "auto_vs_best": fixed[auto] / fixed[best],
@@ -303,7 +303,7 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 2) -> dict:
     echo(f"  auto {auto} ({fixed[auto] * 1e3:.1f} ms), best fixed {best} "
          f"({fixed[best] * 1e3:.1f} ms) -> auto/best {result['auto_vs_best']:.3f}; layer time "
          f"over the plain-GEMM floor ({floor * 1e3:.1f} ms) {result['layer_vs_floor']:.2f}")
-    echo(f"  where it goes (slowest rank, fastest of 3 more passes at {auto}: {t * 1e3:.1f} ms): " +
+    echo(f"  where it goes (busiest rank, fastest of 3 more passes at {auto}: {t * 1e3:.1f} ms): " +
          ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts.items()) +
          f"; beyond the floor: {(t - floor) * 1e3:.1f} ms")
     return result
