@@ -289,11 +289,11 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 4) -> dict:
     t, tel, _ = min((forward(comm, weights, placement, x, auto, True, chunk_rows=chunk,
                              replay=False) for _ in range(3)), key=lambda run: run[0])
     sec = {k: v.sum() for k, v in tel.seconds.items()}
-    parts = {"expert": sec["expert"], "gate": sec["gate"], "exchange local work": sec["pack"] + (
-        sec["compute"] - sec["gate"] - sec["expert"] - sec["pack"]),
-        "MPI calls": sec["busy"] - sec["compute"], "waiting on exchanges": sec["wait"]}
-    slowest = comm.allreduce((sec["busy"], comm.rank), op=MPI.MAXLOC)[1]   # the one the others wait for
-    parts = comm.bcast(parts, root=slowest)
+    parts = {"expert": sec["expert"], "gate": sec["gate"],
+             "exchange local work": sec["compute"] - sec["gate"] - sec["expert"],  # pack + sum
+             "MPI calls": sec["busy"] - sec["compute"], "waiting on exchanges": sec["wait"]}
+    busiest = comm.allreduce((sec["busy"], comm.rank), op=MPI.MAXLOC)[1]  # the others wait for it
+    parts = comm.bcast(parts, root=busiest)
     result = {"fixed_s": fixed, "auto": auto, "best": best, "chunk_rows": chunk,
               "auto_vs_best": fixed[auto] / fixed[best],
               "layer_vs_floor": fixed[auto] / floor, "floor_s": floor, "breakdown_s": parts}

@@ -342,8 +342,7 @@ class MicroBatch:
                 else (0, len(rows))
             done = 0
             while done < n:
-                left = n - done
-                take = chunk if chunk and left >= 2 * chunk and scheduler.poll() else left
+                take = piece_rows(n - done, chunk, scheduler.poll)
                 if isinstance(rows, slice):      # a block of y: the GEMM writes it in place
                     part = slice(first + done, first + done + take)
                     out = y[part] if not backend.gpu else None
@@ -398,6 +397,13 @@ def tensor_parallel_pairs(topk_idx, topk_weights, dest_rank, tp: int, xp=np):
     dest = np.repeat(dest_rank, tp, axis=1)
     dest = np.where(dest >= 0, dest * tp + shard, -1).astype(np.int32)
     return idx, xp.repeat(topk_weights, tp, axis=1), dest
+
+
+def piece_rows(left: int, chunk: int, in_flight) -> int:
+    """Rows of an expert's next GEMM piece with ``left`` rows to go: ``chunk`` while at least
+    twice that is left and ``in_flight()`` (asked only then) says exchanges are pending,
+    else all that is left, so no piece but the last differs from ``chunk``."""
+    return chunk if chunk and left >= 2 * chunk and in_flight() else left
 
 
 def split_rows(num_rows: int, parts: int) -> list[tuple[int, int]]:

@@ -33,7 +33,7 @@ from mpi4py import MPI
 from moempi.model.experts import mlp
 from moempi.model.shapes import ModelMeta
 from moempi.model.stack import Weights
-from moempi.runtime.pipeline import Context, Scheduler, Telemetry, run_batch
+from moempi.runtime.pipeline import Context, Scheduler, Telemetry, piece_rows, run_batch
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
 TRIAL_LAYERS = 3             # MoE layers each candidate is timed on
@@ -85,12 +85,12 @@ def time_micro_batches(world: MPI.Comm, ctx: Context, exchangers: list, x: np.nd
 
 
 def splits_exactly(h, w_in, w_out, activation: str, rows: int) -> bool:
-    """Whether the expert MLP of ``h`` cut as :meth:`MicroBatch._experts` cuts it (pieces
-    of ``rows`` while at least twice that is left, then the rest) gives the whole GEMM's bits."""
+    """Whether the expert MLP of ``h`` cut as :meth:`MicroBatch._experts` cuts it with
+    exchanges always in flight (:func:`piece_rows`) gives the whole GEMM's bits."""
     whole = mlp(h, w_in, w_out, activation)
     done = 0
     while done < len(h):
-        take = rows if len(h) - done >= 2 * rows else len(h) - done
+        take = piece_rows(len(h) - done, rows, lambda: True)
         if not np.array_equal(mlp(h[done:done + take], w_in, w_out, activation),
                               whole[done:done + take]):
             return False
