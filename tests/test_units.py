@@ -146,6 +146,30 @@ def test_bf16_codec_matches_ml_dtypes():
                           hdf5.bf16_decode(bits))
 
 
+def test_host_wire_rounding_is_the_device_rule():
+    """The host's BF16 wire (ml_dtypes' cast) gives the device kernels' integer rounding bit
+    for bit: ties to even, subnormals, the largest finite values and infinities; a NaN
+    stays a NaN.  With indices it rounds the tokens once and gathers the bits."""
+    from moempi.model.arrays import BF16, encode_bf16, round_bf16
+    rng = np.random.default_rng(2)
+    special = np.array([0x00008000, 0x00018000, 0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x7F7F8000,
+                        0xFF7F8000, 0x7F800000, 0xFF800000, 0x80000001, 0x7FC00000, 0xFFFFFFFF],
+                       np.uint32)
+    u = np.concatenate([rng.integers(0, 2**32, 1 << 18, dtype=np.uint64).astype(np.uint32),
+                        np.arange(1 << 16, dtype=np.uint32), special])
+    x = u.view(np.float32).reshape(-1, 4)
+    want, got = np.empty(x.shape, np.uint16), np.empty(x.shape, np.uint16)
+    encode_bf16(np, x, want)
+    round_bf16(x, got)
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(BF16).astype(np.float32)).all()
+    idx = rng.integers(0, len(x), 3 * len(x))
+    gathered = np.empty((len(idx), 4), np.uint16)
+    round_bf16(x, gathered, idx, np.empty_like(got))
+    assert np.array_equal(gathered, got[idx])
+
+
 def test_model_file_layout(tmp_path):
     path = tmp_path / "m.h5"
     meta = PRESETS["tiny"].replace(num_experts=3)

@@ -35,37 +35,26 @@ def decode_bf16(xp, bits, out) -> None:
     out.view(xp.uint32)[...] = bits.astype(xp.uint32) << 16
 
 
-# -- the host's exchange buffers: blocked so each step's rows stay in cache ------------------
-BLOCK_ROWS = 32          # measured best of 8..64 rows at H 7168 on the development machine
+# -- the host's exchange buffers ----------------------------------------------------------
+def round_bf16(x: np.ndarray, out: np.ndarray, idx=None, scratch=None) -> None:
+    """``out`` (uint16 `[S, H]`) = BF16 bits of ``x[idx]`` (``idx`` None: of ``x``).
 
-
-def gather_bf16(x: np.ndarray, idx, out: np.ndarray, block: int = BLOCK_ROWS) -> None:
-    """``out`` (uint16 `[S, H]`) = BF16 bits of ``x[idx]`` (``idx`` None: of ``x``), rounded
-    to nearest even by integer operations on the float32 bits.
-
-    Gathers and rounds ``block`` rows at a time in cache, then writes the wire buffer: at
-    H 7168 and 1024 rows 5.6 ms against 12.9 ms for ``x[idx]`` cast by ml_dtypes.  Inputs are
-    finite here (tokens are checked, infinities round to themselves); a NaN whose payload
-    is all ones would round to zero, which only a poisoned buffer holds.
+    ml_dtypes' cast rounds to nearest even, bit-identical to :func:`encode_bf16` for every
+    value but NaN (which stays a NaN, with another payload).  With ``idx`` the tokens are
+    rounded once into ``scratch`` (uint16 like ``x``) and the bits gathered: with top-2
+    routing each token is sent twice, so that rounds half the rows.  At H 7168, 512 tokens
+    this took 2.4 ms against 5.6 ms for the blocked gather-and-round by integer operations
+    it replaced, and a whole buffer 3.1 ms against 4.6 ms (development machine).
     """
-    rows = len(out)
-    H = x.shape[1]
-    g = np.empty((min(block, rows), H), np.float32)
-    t = np.empty((min(block, rows), H), np.uint32)
-    one, half, shift = np.uint32(1), np.uint32(0x7FFF), np.uint32(16)
-    for s in range(0, rows, block):
-        m = min(block, rows - s)
+    with np.errstate(invalid="ignore"):           # a NaN (only a poisoned buffer holds one)
         if idx is None:
-            u = x[s:s + m].view(np.uint32)
-        else:
-            u = np.take(x, idx[s:s + m], axis=0, out=g[:m], mode="clip").view(np.uint32)
-        r = t[:m]
-        np.right_shift(u, shift, out=r)
-        np.bitwise_and(r, one, out=r)
-        np.add(r, half, out=r)
-        np.add(r, u, out=r)                   # u + 0x7FFF + lsb, then keep the high half
-        np.right_shift(r, shift, out=r)
-        np.copyto(out[s:s + m], r, casting="unsafe")
+            np.copyto(out.view(BF16), x, casting="unsafe")
+            return
+        np.copyto(scratch.view(BF16), x, casting="unsafe")
+    np.take(scratch, idx, axis=0, out=out, mode="clip")
+
+
+BLOCK_ROWS = 32          # rows per block of the weighted sum, in cache: best of 8..64 at H 7168
 
 
 def weighted_rows(x: np.ndarray, back: np.ndarray, pos: np.ndarray, w: np.ndarray,

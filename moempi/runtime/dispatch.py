@@ -179,12 +179,14 @@ class Exchanger:
         (the expert GEMMs take them as they are)."""
         self._order = self.backend.index(plan.pair_order)       # on h's device
         send = self._buffer("dispatch_send", plan.num_send)
-        ready = self.backend.pack(h, self._order // plan.top_k, send, self.bf16)
+        ready = self.backend.pack(h, self._order // plan.top_k, send, self.bf16,
+                                  self._scratch("dispatch_bits", len(h), self.wire))
         yield from self._ready(ready)     # the GPU copy must land before MPI reads the buffer
         recv = self._buffer("dispatch_recv", plan.num_recv)
         yield from self._alltoallv(send, plan.send_counts, plan.send_displs,
                                    recv, plan.recv_counts, plan.recv_displs)
-        rows = self.backend.unpack(recv, self.bf16, self._scratch("dispatch_f32", len(recv)),
+        rows = self.backend.unpack(recv, self.bf16,
+                                   self._scratch("dispatch_f32", len(recv), np.float32),
                                    keep_bf16=True)
         self._fences["dispatch_recv"] = self.backend.fence()
         return rows
@@ -295,9 +297,9 @@ class Exchanger:
             self._buffers[name] = buf
         return buf[:rows]
 
-    def _scratch(self, name: str, rows: int):
-        """Host float32 rows for decoding BF16 (the host backend decodes in place of a copy)."""
-        return self._buffer(name, rows, np.float32, host=True) if self.bf16 and \
+    def _scratch(self, name: str, rows: int, dtype):
+        """Host rows for the host backend's BF16 rounding and widening; None otherwise."""
+        return self._buffer(name, rows, dtype, host=True) if self.bf16 and \
             not self.backend.gpu else None
 
 
