@@ -42,6 +42,24 @@ def test_bench_all_quick(tmp_path):
         total, pieces = float(m[1]), [float(v) for v in m.groups()[1:]]
         assert 0.6 * total <= sum(pieces) <= total * 1.01 + 0.5   # (fixed costs at tiny shapes)
     assert out.count("where it goes") == 2
+    # every target is printed with its verdict, which agrees with the figure, and a target
+    # not met says why with a measurement
+    verdicts = re.findall(r"target (?:[a-z/]+ )?(>=|<=) ([0-9.]+)[^:]*: (met|not met: .+)", out)
+    exchange = [v for v in verdicts if v[0] == ">="]
+    auto = [v for v in verdicts if v[0] == "<=" and v[1] == "1.03"]
+    layer = [v for v in verdicts if v[0] == "<=" and v[1] != "1.03"]
+    assert len(exchange) == 2 and len(auto) == 2 and len(layer) == 2
+    for (_, target, said), ratio in zip(exchange, measured):
+        assert (said == "met") == (ratio >= float(target))
+        if "cap it at" in said:
+            assert float(re.search(r"cap it at ([0-9.]+)", said)[1]) < float(target)
+    for (_, target, said), ratio in zip(auto, ratios(out, "auto/best")):
+        assert (said == "met") == (ratio <= float(target)) and (said == "met" or "spread" in said)
+    floors = re.findall(r"over the plain-GEMM floor \([0-9.]+ ms\) ([0-9.]+)", out)
+    for (_, target, said), ratio in zip(layer, floors):
+        assert (said == "met") == (float(ratio) <= float(target))
+        if said != "met":
+            assert float(re.search(r"at least ([0-9.]+) x the floor", said)[1]) >= 1
     data = json.loads(cal.read_text())
     assert data["format"] == "moempi-calibration" and data["gemm_flops"] > 0
 
