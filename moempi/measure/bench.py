@@ -347,9 +347,11 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 4) -> dict:
         # the exchange's copies, timed alone, can hide only behind another rank's work
         cpu = (parts["gate"] + parts["exchange local work"]) / floor
         why = (f"the target leaves {shape.layer_target - 1:.2f} x the floor beyond it; in the "
-               f"breakdown's pass the gate and the exchange's local work (one core per rank: "
-               f"they add to the GEMMs) took {cpu:.2f} x the floor, and the exchange's copies "
-               f"alone (replayed without compute) {alone / floor:.2f} x")
+               f"breakdown's pass the expert took {parts['expert'] / floor:.2f} x the floor, "
+               f"the gate and the exchange's local work (one core per rank: they add to the "
+               f"GEMMs) {cpu:.2f} x, waiting {parts['waiting on exchanges'] / floor:.2f} x; "
+               f"the exchange's copies alone (replayed without compute) take "
+               f"{alone / floor:.2f} x")
         echo(verdict(round(result["layer_vs_floor"], 3) <= shape.layer_target,
                      f"layer/floor <= {shape.layer_target}", why))
         result["local_cpu_vs_floor"], result["exchange_alone_vs_floor"] = cpu, alone / floor
