@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from moempi.errors import MoempiError
-from moempi.perf.memory import check_fits, memory_per_gpu, smallest_fitting_tp
+from moempi.perf.memory import check_fits, check_host_memory, memory_per_gpu, smallest_fitting_tp
 from moempi.perf.analytic import (Calibration, Hardware, Layout, choose_micro_batches, forward_time,
                          pipeline_time, touch_shares, traffic_from_pairs, uniform_pairs)
 from moempi.cli.plan import plan
@@ -346,3 +346,15 @@ def test_plan_models_node_dispatch():
     assert n["dispatch_inter_s"] == pytest.approx(0.75 * d["dispatch_inter_s"])
     assert n["dispatch_intra_s"] > d["dispatch_intra_s"]
     assert n["latency_s"] == pytest.approx(7 / 3 * d["latency_s"])
+
+
+def test_host_memory_counts_the_bf16_codec():
+    """On a CPU backend a BF16 wire also holds the received rows widened to float32 and the
+    tokens rounded for the gather: the start-up check counts them."""
+    meta, T = PRESETS["tiny"], 100
+
+    def need(wire, on_host):
+        return check_host_memory(meta, 2, T, wire, on_host, 1e12)
+    weights = need(4, True) - need(4, False)
+    codec = T * meta.hidden_size * (meta.top_k * 4 + 2)
+    assert need(2, True) - need(2, False) == weights + codec

@@ -121,11 +121,14 @@ def check_host_memory(meta: ModelMeta, ep: int, batch_tokens: int, wire_bytes: i
     A rank keeps one batch's working set (:func:`memory_per_gpu` at ``batch_tokens`` tokens:
     activations, exchange buffers, expert workspace), that batch's output rows until rank 0
     has written them (``batch_tokens`` x H float32) and, on a CPU backend, its weights in
-    float32.
+    float32 and, with a BF16 wire, the codec's host rows (the received rows widened to
+    float32, the tokens rounded before the gather).
     """
     parts = memory_per_gpu(meta, ep, tp, batch_tokens, 1, wire_bytes, weight_bytes=ACC_BYTES)
     weights = sum(parts[k] for k in ("experts", "dense", "gate", "norms"))
     batch = parts["total"] - weights + batch_tokens * meta.hidden_size * ACC_BYTES
+    if weights_on_host and wire_bytes == 2:
+        batch += batch_tokens * meta.hidden_size * (tp * meta.top_k * ACC_BYTES + wire_bytes)
     need = batch + (weights if weights_on_host else 0)
     if need > available_bytes:
         held = f" and {weights / 1e9:.2f} GB of weights" if weights_on_host else ""
