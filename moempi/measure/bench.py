@@ -203,7 +203,7 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
     floor = comm.allreduce(touched / rate, op=MPI.MAX)
     local = ours - ours_mpi
     result = {"ours_s": ours, "raw_s": raw, "ratio": raw / ours, "bytes": nbytes,
-              "mpi_s": ours_mpi, "local_s": local,
+              "mpi_s": ours_mpi,
               "local_floor_s": floor, "copy_rate": rate, "ratio_bound": raw / (raw + floor)}
     echo(f"exchange ({shape.name}, {precision}, {nbytes / 2**20:.1f} MiB both ways): dispatch+combine "
          f"{nbytes / ours / 1e9:.2f} GB/s vs raw Alltoallv {nbytes / raw / 1e9:.2f} GB/s "
@@ -355,7 +355,6 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 4) -> dict:
                f"{alone / floor:.2f} x")
         echo(verdict(round(result["layer_vs_floor"], 3) <= shape.layer_target,
                      f"layer/floor <= {shape.layer_target}", why))
-        result["local_cpu_vs_floor"], result["exchange_alone_vs_floor"] = cpu, alone / floor
     return result
 
 
