@@ -156,7 +156,8 @@ def _check_new_file(out: str, overwrite: bool) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),
               help="fp32: exact mode; bf16: BF16 on the wire, float32 accumulation.")
 @click.option("--micro-batches", type=int,
-              help="Micro-batches in flight (0 = the fastest, timed at start-up).")
+              help="Micro-batches in flight (0 = chosen while the first batch runs, on its "
+                   "own layers, within pipeline.tuning_budget).")
 @click.option("--weights", type=click.Choice(["each", "rank0"]),
               help="each: every rank reads its own slabs (the model file on every node); "
                    "rank0: only rank 0 opens it and sends each rank its share (run.weights).")

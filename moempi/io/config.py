@@ -47,12 +47,17 @@ class PipelineSection:
     overlap: bool = True             # nonblocking exchange overlapped with expert compute
     dispatch: str = "direct"         # "direct": tokens straight to their experts' ranks; "node":
                                      # once to each destination node, forwarded inside it
-    micro_batches: int = 0           # micro-batches per batch in flight; 0 = the fastest, timed at start-up
+    micro_batches: int = 0           # micro-batches per batch in flight; 0 = chosen by timing
+                                     # the first batch's own layers
     max_micro_batches: int = 16      # upper bound for the automatic choice
+    tuning_budget: float = 0.02      # the automatic choice may cost this share of the job's
+                                     # forecast MoE work
     chunk_rows: int = 0              # expert GEMM rows between MPI polls while exchanges are in
                                      # flight (CPU); 0 = measured at start-up
     batch_tokens: int = 0            # tokens per rank per batch (balancing/checkpoint step); 0 = all
-    measure_pure_comm: bool = True   # replay each layer's exchange without compute (for overlap %)
+    measure_pure_comm: bool = True   # replay exchanges without compute (for overlap %)
+    pure_comm_layers: str = "sample" # "sample": layers within 2 % of the forward, the others
+                                     # estimated from their rows; "all": every MoE layer
     stall_timeout: float = 300.0     # seconds without progress before a rank says what it waits
                                      # for and the job ends; 0 = wait for ever
 
@@ -104,6 +109,12 @@ class Config:
             raise MoempiError("config: parallel.ep must be >= 0, tp and dp >= 1")
         if pl.stall_timeout < 0:
             raise MoempiError("config: pipeline.stall_timeout must be >= 0 (0: no timeout)")
+        if pl.pure_comm_layers not in ("sample", "all"):
+            raise MoempiError(f"config: pipeline.pure_comm_layers must be sample or all, not "
+                              f"{pl.pure_comm_layers!r}")
+        if not 0 <= pl.tuning_budget <= 1:
+            raise MoempiError(f"config: pipeline.tuning_budget must be in [0, 1], not "
+                              f"{pl.tuning_budget}")
         if pl.micro_batches < 0 or pl.max_micro_batches < 1 or pl.batch_tokens < 0 or \
                 pl.chunk_rows < 0:
             raise MoempiError("config: pipeline.micro_batches, batch_tokens and chunk_rows must "

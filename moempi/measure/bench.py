@@ -302,15 +302,24 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 4) -> dict:
                                 replay=False)
             passes[m].append(t)
     fixed = {m: min(ts) for m, ts in passes.items()}
-    ctx = _context(comm, weights, placement, chunk)
-    exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, "fp32")
-                  for _ in range(max(counts))]
-    try:
-        trials = tune.time_micro_batches(comm, ctx, exchangers, x, counts)
-    finally:
-        for ex in exchangers:
-            ex.close()
-    auto = tune.fastest(trials)
+    # the automatic choice as `moempi run` makes it: on the pass's own layers (a job of this
+    # many MoE layers), its whole pass timed, trial layers included (best of `repeats`)
+    tuned = []
+    for _ in range(repeats):
+        ctx = _context(comm, weights, placement, chunk)
+        exchangers = [Exchanger(comm, meta.hidden_size, meta.num_experts, "fp32")
+                      for _ in range(max(counts))]
+        try:
+            comm.Barrier()
+            t = time.perf_counter()
+            _, tuning = tune.tuned_batch(comm, ctx, exchangers, x.copy(), 0, counts,
+                                         shape.layers)
+            tuned.append((comm.allreduce(time.perf_counter() - t, op=MPI.MAX), tuning))
+        finally:
+            for ex in exchangers:
+                ex.close()
+    auto_s, tuning = min(tuned, key=lambda run: run[0])
+    auto = tuning.chosen
     best = min(fixed, key=fixed.get)
     rows = int(tel.rows_computed.sum())                   # this rank's expert rows, all layers
     comm.Barrier()                  # every rank's GEMM at once, as in the layer (best of 5)
@@ -328,13 +337,15 @@ def bench_micro_batches(comm, shape: Shape, echo, repeats: int = 4) -> dict:
     busiest = comm.allreduce((sec["busy"], comm.rank), op=MPI.MAXLOC)[1]  # the others wait for it
     parts = comm.bcast(parts, root=busiest)
     result = {"fixed_s": fixed, "auto": auto, "best": best, "chunk_rows": chunk,
-              "auto_vs_best": fixed[auto] / fixed[best],
+              "auto_vs_best": auto_s / fixed[best], "auto_s": auto_s,
+              "tuning_cost_s": tuning.cost_s,
               "layer_vs_floor": fixed[auto] / floor, "floor_s": floor, "breakdown_s": parts,
               "exchange_alone_s": alone}
     echo(f"micro-batches ({shape.name}, H={shape.hidden} F={shape.ffn}, {shape.tokens} "
          f"tokens/rank, {shape.layers} MoE layer(s), GEMM chunk {chunk} rows): " + ", ".join(
              f"{m}: {t * 1e3:.1f} ms" for m, t in fixed.items()))
-    echo(f"  auto {auto} ({fixed[auto] * 1e3:.1f} ms), best fixed {best} "
+    echo(f"  auto {auto} (the whole pass with its trial layers {auto_s * 1e3:.1f} ms, the "
+         f"tuning's cost {tuning.cost_s * 1e3:.1f} ms: {tuning.reason}), best fixed {best} "
          f"({fixed[best] * 1e3:.1f} ms) -> auto/best {result['auto_vs_best']:.3f}; layer time "
          f"over the plain-GEMM floor ({floor * 1e3:.1f} ms) {result['layer_vs_floor']:.3f}")
     echo(f"  where it goes (busiest rank, fastest of 3 more passes at {auto}: {t * 1e3:.1f} ms): " +

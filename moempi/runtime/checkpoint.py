@@ -35,6 +35,7 @@ def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int,
     data = {f"{section}.{key}": value for section, table in cfg.to_dict().items()
             for key, value in table.items()}
     for key in ("run.output", "run.overwrite", "run.checkpoint", "pipeline.measure_pure_comm",
+                "pipeline.pure_comm_layers", "pipeline.tuning_budget",
                 "pipeline.stall_timeout", "pipeline.chunk_rows", "run.weights"):
         data.pop(key)
     for key in ("run.model", "run.tokens"):

@@ -159,6 +159,8 @@ class Context:
     chunk_rows: int = 0              # expert GEMM rows between MPI polls while exchanges are in
                                      # flight (CPU); 0 = one GEMM per expert
     tp: int = 1                      # tensor-parallel ranks per expert-parallel slot
+    on_segment: object = None        # callable(micro_batches, first layer) before a run_batch
+                                     # of part of the stack (the tuner's segments), or None
     replica_tables: dict = field(default_factory=dict)
 
     def replicas(self, layer: int):

@@ -27,6 +27,7 @@ from moempi.runtime.nodes import NodeExchanger
 from moempi.runtime.heap import keep_freed_memory
 from moempi.runtime.output import OutputFile, peak_host_bytes, versions
 from moempi.runtime.pipeline import Context, Telemetry, run_batch, split_rows
+from moempi.runtime.replay import replay_pure_comm
 from moempi.runtime.stall import WatchedScheduler, Watchdog
 from moempi.runtime.weights import compare_replicas, load_weights, load_weights_from_root
 
@@ -107,6 +108,10 @@ class Progress:
     def new_batch(self, batch: int, micro_batches: int) -> None:
         self.batch = batch
         self.reached = {m: -1 for m in range(micro_batches)}
+
+    def new_segment(self, micro_batches: int, first_layer: int) -> None:
+        """A run of layers from ``first_layer`` on in ``micro_batches`` (the tuner's)."""
+        self.reached = {m: first_layer - 1 for m in range(micro_batches)}
 
     def __call__(self, micro_batch: int, layer: int) -> None:
         self.reached[micro_batch] = layer
@@ -219,15 +224,26 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         tune.candidates(min(batch, max_local), cfg.pipeline.max_micro_batches)
     # the expert GEMM chunk (CPU, overlapped, more than one micro-batch): the config's or
     # measured, a multiple of the BLAS's row quantum, checked to change no bit
-    chunk, quantum, gemm_rates = 0, 0, {}
-    if not backend.gpu and cfg.pipeline.overlap and counts != [1]:
-        chunk, quantum, gemm_rates = tune.chunk_rows(meta, world, cfg.pipeline.chunk_rows)
+    chunking = {"chunk": 0, "quantum": 0, "rates": {}, "seconds": 0.0}
+
+    def measure_chunk():
+        """Measured once, before the first pass with more than one micro-batch: at H 7168
+        the GEMM timings take seconds, which a job that keeps 1 never pays."""
+        t = time.perf_counter()
+        chunk, quantum, rates = tune.chunk_rows(meta, world, cfg.pipeline.chunk_rows, repeats=1)
+        chunking.update(chunk=chunk, quantum=quantum, rates=rates,
+                        seconds=time.perf_counter() - t)
+        ctx.chunk_rows = chunk
         if not chunk:
             say(world, "expert GEMMs are not cut into chunks: no chunk size of this BLAS "
                        "reproduces the whole GEMM bit for bit on these shapes")
+
+    measures_chunk = not backend.gpu and cfg.pipeline.overlap and counts != [1]
     ctx = Context(weights, placement, layout.ep_rank, layout.rank_offset, balancer.bias,
                   tel, WatchedScheduler(tel), backend, None, cfg.balance.capacity_factor,
-                  cfg.balance.overflow == "reroute", chunk_rows=chunk, tp=layout.tp)
+                  cfg.balance.overflow == "reroute", tp=layout.tp)
+    if measures_chunk and len(counts) == 1:      # a given count > 1: cut from the start
+        measure_chunk()
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
     final_norm = None if weights.final_norm is None else backend.to_host(weights.final_norm)
@@ -241,27 +257,20 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                        f"{num_batches} batch(es) already done")
         exchangers = [make_exchanger(cfg, comm, meta, backend, gpus_per_node)
                       for _ in range(max(counts))]
-        trials, micro_batches, first = {}, counts[0], None
-        if len(counts) > 1:          # timed on the first batch's tokens, kept for its pass
-            lo, hi = min(done * batch, num_local), min((done + 1) * batch, num_local)
-            first = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo,
-                                   start + hi)
-            trials = tune.time_micro_batches(world, ctx, exchangers, first, counts)
-            micro_batches = tune.fastest(trials)
-            say(world, "micro-batch count timed on the first batch (" + ", ".join(
-                f"{m}: {s * 1e3:.1f} ms" for m, s in trials.items()) + f" for "
-                f"{tune.TRIAL_LAYERS} MoE layers): {micro_batches}")
-        for ex in exchangers[micro_batches:]:
-            ex.close()
-        del exchangers[micro_batches:]
+        micro_batches = counts[0] if len(counts) == 1 else 0     # 0: chosen in the first batch
+        tuning = None
         mode = "overlapped" if cfg.pipeline.overlap else "blocking"
-        say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {micro_batches} "
-                   f"micro-batch(es), {mode} exchange" + (f", expert GEMMs in chunks of {chunk} "
+        count_text = str(micro_batches) if micro_batches else \
+            f"{'/'.join(map(str, counts))} (chosen while the first batch runs)"
+        say(world, f"{num_batches} batch(es) of up to {batch} tokens per rank, {count_text} "
+                   f"micro-batch(es), {mode} exchange" + (f", expert GEMMs in chunks of {ctx.chunk_rows} "
                                                          "rows while exchanges are in flight"
-                                                         if chunk and micro_batches > 1
-                                                         else ""))
+                                                         if ctx.chunk_rows else ""))
         watchdog = Watchdog(world, ctx.scheduler, cfg.pipeline.stall_timeout)
         ctx.on_layer_done = watchdog.progress(progress)
+        if progress:
+            ctx.on_segment = progress.new_segment
+        startup_s = time.perf_counter() - started
         t = last_report = time.perf_counter()
         for b in range(done, num_batches):
             watchdog.new_batch(b)
@@ -269,15 +278,24 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             before = tel.tokens_per_expert.copy()
             history["bias"].append(balancer.bias.copy())
             if progress:
-                progress.new_batch(b, micro_batches)
+                progress.new_batch(b, micro_batches or counts[0])
             if cfg.run.save_routing:     # this batch's routing, filled by the forward pass
                 ctx.routing = {m: (np.full((hi - lo, meta.top_k), -1, np.int32),
                                    np.full((hi - lo, meta.top_k), -1, np.int32))
                                for m in range(len(moe_layers))}
-            x = first if first is not None else \
-                parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
-            first = None
-            rows = run_batch(ctx, exchangers, x, 0, b)
+            x = parallel.agree(world, hdf5.read_tokens, cfg.run.tokens, start + lo, start + hi)
+            if micro_batches:
+                rows = run_batch(ctx, exchangers, x, 0, b)
+            else:                 # the first batch chooses the count, on its own layers
+                rows, tuning = tune.tuned_batch(world, ctx, exchangers, x, b, counts,
+                                                len(moe_layers) * (num_batches - done),
+                                                cfg.pipeline.tuning_budget,
+                                                measure_chunk if measures_chunk else None)
+                micro_batches = tuning.chosen
+                for ex in exchangers[micro_batches:]:
+                    ex.close()
+                del exchangers[micro_batches:]
+                say(world, tuning_line(tuning))
             load = parallel.sum_to_all(world, tel.tokens_per_expert - before)   # [L_moe, E]
             history["tokens_per_expert"].append(load)
             balancer.update(load)
@@ -290,18 +308,27 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                 last_report = now
         forward_s = time.perf_counter() - t
         watchdog.close()
+        t = time.perf_counter()
         pure_comm = np.zeros(meta.num_layers)
+        replayed = np.zeros(meta.num_layers, dtype=bool)
         if cfg.pipeline.measure_pure_comm:
-            for m, layer in enumerate(moe_layers):
-                pure_comm[layer] = exchangers[0].replay(tel.exchanges_of(m))
+            pure_comm, replayed = replay_pure_comm(
+                world, exchangers[0], tel, moe_layers, meta.num_layers,
+                cfg.pipeline.pure_comm_layers, world.allreduce(forward_s, op=MPI.MAX))
+            say(world, f"overlap %: exchanges replayed alone on {int(replayed.sum())} of "
+                       f"{len(moe_layers)} MoE layers (pipeline.pure_comm_layers = "
+                       f"{cfg.pipeline.pure_comm_layers}), the others estimated from their rows")
+        replay_s = time.perf_counter() - t
         for ex in exchangers:
             ex.close()
         exchangers = []
 
         elapsed = world.allreduce(forward_s, op=MPI.MAX)
+        tuning_s = tuning.cost_s if tuning else 0.0
         peak = world.allreduce(peak_host_bytes(), op=MPI.MAX)
         say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens * (num_batches - done) / num_batches / max(elapsed, 1e-9):,.0f} tokens/s; "
-                   f"peak host memory {peak / 2**20:,.0f} MiB (the largest rank)")
+                   f"peak host memory {peak / 2**20:,.0f} MiB (the largest rank); tuning cost "
+                   f"{tuning_s:.2f} s ({tuning_s / max(elapsed, 1e-9):.1%} of the forward)")
         attrs = dict(
             format="moempi-output", version=1, moempi_version=__version__,
             config=cfg.to_dict(), world_size=world.size, ep=layout.ep, tp=layout.tp,
@@ -310,10 +337,16 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             micro_batches=micro_batches, batch_tokens=batch, resumed_from_batch=done,
             weights_seconds=load_s, replica_check=replica_check,
             dispatch=cfg.pipeline.dispatch, gpus_per_node=gpus_per_node,
-            tuning={"micro_batch_seconds": {str(m): t for m, t in trials.items()},
-                    "trial_moe_layers": tune.TRIAL_LAYERS if trials else 0,
-                    "chunk_rows": chunk, "row_quantum": quantum,
-                    "gemm_flops_by_rows": {str(r): f for r, f in gemm_rates.items()}},
+            pure_comm_replayed=[int(l) for l in np.flatnonzero(replayed)],
+            tuning={"micro_batches": tuning.to_dict() if tuning else None,
+                    "cost_share_of_forward": tuning_s / max(elapsed, 1e-9),
+                    "chunk_rows": chunking["chunk"], "row_quantum": chunking["quantum"],
+                    "chunk_seconds": chunking["seconds"],
+                    "gemm_flops_by_rows": {str(r): f for r, f in chunking["rates"].items()}},
+            phase_seconds={"start_up": world.allreduce(startup_s, op=MPI.MAX),
+                           "weights": load_s, "tuning": tuning_s,
+                           "forward": elapsed - tuning_s,
+                           "replay": world.allreduce(replay_s, op=MPI.MAX)},
             versions=versions(), command_line=command_line, devices=devices,
             forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
         if cfg.balance.enabled:
@@ -332,6 +365,15 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     layout.free()
     say(world, f"wrote {cfg.run.output}")
     return cfg.run.output
+
+
+def tuning_line(tuning) -> str:
+    """One line on the micro-batch choice: what each count's trial layers took, what it cost."""
+    tried = ", ".join(f"{m}: {ts[0] * 1e3:.1f} ms" for m, ts in tuning.layer_seconds.items() if ts)
+    return (f"micro-batch count {tuning.chosen}, chosen on the first batch's own layers ("
+            + (f"one MoE layer each: {tried}" if tried else "no trial") +
+            f"; {tuning.reason}); cost {tuning.cost_s * 1e3:.1f} ms of a budget of "
+            f"{tuning.budget_s * 1e3:.1f} ms")
 
 
 def check_node_dispatch(layout, backend, gpus_per_node: int) -> None:

@@ -1,17 +1,21 @@
 """Start-up measurements that choose how the forward pass runs, not what it computes.
 
-* The micro-batch count (``pipeline.micro_batches = 0``): every candidate count is timed on
-  the job's real weights and its first batch's tokens, through the first few MoE layers,
-  and the fastest is kept (the fewest within 2 % of it).  The timings are the slowest rank's, so every rank keeps the
-  same count.  A performance model chose before (``perf.choose_micro_batches``, still what
-  ``moempi plan`` uses); on this project's 2-core machine it chose 8 micro-batches where 1
-  was 20-30 % faster, and its choice varied from start to start.
+* The micro-batch count (``pipeline.micro_batches = 0``): chosen while the first batch runs
+  (:func:`tuned_batch`), each candidate count on real MoE layers whose results are kept, so
+  the choice costs only the trial layers' time over the best count's, within a budget of 2 %
+  of the job's forecast MoE work (``pipeline.tuning_budget``).  The timings are the slowest
+  rank's, so every rank keeps the same count.  Before, every candidate count ran 3 extra
+  MoE layers 3 times at start-up: a 6-layer job at H 7168 on this project's 2-core machine
+  spent 50 s on it for a 3.3 s forward.  A performance model chose before that
+  (``perf.choose_micro_batches``, still what ``moempi plan`` uses); on the same machine it
+  chose 8 micro-batches where 1 was 20-30 % faster.
 * The expert GEMM chunk (CPU backend): while exchanges are in flight the expert compute is
   cut into chunks, with MPI progress between them; a chunk is the fewest rows whose GEMM
   keeps 95 % of the large-matrix rate, and a multiple of the BLAS's row quantum (below).
 
-Neither changes the numbers: the micro-batch count is recorded (and a resumed run reuses
-it), and the chunking never changes a bit.  A GEMM's row is computed alike in any piece
+The micro-batch count changes a GEMM's row count, so the last bits: the first batch's
+schedule (which layers ran with which count) and the choice are recorded, and a resumed run
+reuses the choice.  The chunking never changes a bit.  A GEMM's row is computed alike in any piece
 only when the pieces keep the BLAS kernel's row blocking: OpenBLAS 0.3.31 (Haswell kernels,
 this project's machine) gives each row the whole GEMM's bits when every piece but the last
 is a multiple of 12 rows, and differs in the last bits with pieces of 4, 8, 16, 32, 64 or
@@ -36,8 +40,10 @@ from moempi.model.stack import Weights
 from moempi.runtime.pipeline import Context, Scheduler, Telemetry, piece_rows, run_batch
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
-TRIAL_LAYERS = 3             # MoE layers each candidate is timed on
-TIE = 0.02                   # counts this close to the fastest count as fast
+TIE = 0.02                   # a count must be this much faster than the best so far to win
+BUDGET_SHARE = 0.02          # the tuning may cost this share of the job's forecast MoE work
+PRIOR = 3.0                  # an untried count may cost this many layers more: measured, 2
+                             # micro-batches took 3.8 x one at hidden 64 (2 ranks, 2 cores)
 QUANTA = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)   # row quanta tried, fewest first
 CHUNK_MIN, CHUNK_MAX = 32, 1024   # chunk sizes timed: quantum x 2^i in this range
 CHUNK_SHARE = 0.95           # a chunk keeps this share of the largest size's GEMM rate
@@ -50,38 +56,111 @@ def candidates(rows: int, most: int) -> list[int]:
     return keep or [1]
 
 
-def fastest(seconds: dict[int, float], tolerance: float = TIE) -> int:
-    """The fewest micro-batches within ``tolerance`` of the fastest time: fewer micro-batches
-    pay fewer fixed costs per layer, and timer noise does not pick a larger count."""
-    best = min(seconds.values())
-    return min(m for m, s in seconds.items() if s <= best * (1 + tolerance))
+@dataclasses.dataclass
+class Tuning:
+    """What the micro-batch choice did in the job's first batch, recorded in the output."""
+
+    chosen: int
+    layer_seconds: dict           # count -> [seconds of each MoE layer it ran while tuning]
+    schedule: list                # [(first layer, last layer + 1, count)] of the first batch
+    budget_s: float               # what the tuning was allowed to cost
+    cost_s: float                 # what it cost: the trial layers' time over the chosen
+                                  # count's, plus the timing's synchronisations
+    reason: str                   # why it stopped trying
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "cost_seconds": self.cost_s,
+                "budget_seconds": self.budget_s, "reason": self.reason,
+                "schedule": [list(s) for s in self.schedule],
+                "layer_seconds": {str(m): ts for m, ts in self.layer_seconds.items()}}
 
 
-def time_micro_batches(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray,
-                       counts: list[int], repeats: int = 3) -> dict[int, float]:
-    """Seconds of the first :data:`TRIAL_LAYERS` MoE layers on rows ``x`` for each count in
-    ``counts`` (best of ``repeats``, slowest rank), through the real ``run_batch``.
+def segment_seconds(count: int, measured: float) -> float:
+    """The seconds the tuner judges a trial layer by (the slowest rank's wall time); tests
+    replace this to plant a choice."""
+    return measured
 
-    ``ctx`` is the job's context; its telemetry, balancer state and routing are left as
-    they were.  ``exchangers`` holds at least ``max(counts)``.  Called on every rank.
+
+def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, batch: int,
+                counts: list[int], moe_executions: int, share: float = BUDGET_SHARE,
+                before_trials=None):
+    """Run the job's first batch while choosing its micro-batch count; ``(rows, Tuning)``.
+
+    No extra pass: every candidate count runs real MoE layers of this batch, whose results
+    are kept.  The smallest count runs the dense layers and the first MoE layer (its first
+    exchanges and GEMMs touch fresh memory: untimed), then the second, whose time ``t``
+    forecasts the job's MoE work (``t * moe_executions``, all batches), and
+    ``share`` of it is the budget.  Then each next count runs one MoE layer, while the
+    layers tried so far plus a pessimistic prior for the next one (:data:`PRIOR` x ``t``)
+    cost less than the budget; a count no faster than the best so far (by :data:`TIE`)
+    ends the climb (the time falls, then rises, with the count).  The rest of the batch,
+    and every later batch, runs with the best.  A trial layer's cost is its time over the
+    best count's, so a job too short for the budget tries nothing and pays nothing.
+    ``before_trials``: called once before the first trial (the GEMM chunk's measurement,
+    which only more than one micro-batch needs); its time counts in the cost.
+    Every rank calls this with the same arguments; the choice is the slowest rank's.
     """
-    meta = ctx.weights.meta
-    moe = [layer for layer in ctx.weights.layers if layer.index in set(meta.moe_layers)]
-    trial_weights = Weights(meta, moe[:TRIAL_LAYERS], None)
-    tel = Telemetry(meta.num_layers, len(meta.moe_layers), ctx.telemetry.num_ranks,
-                    meta.num_experts)
-    trial = dataclasses.replace(ctx, weights=trial_weights, telemetry=tel,
-                                scheduler=Scheduler(tel), routing=None, on_layer_done=None,
-                                bias=ctx.bias.copy())
-    run_batch(trial, exchangers[:max(counts)], x, 0, -1)        # warm-up: buffers, caches
-    best = {m: float("inf") for m in counts}
-    for r in range(repeats):
-        for m in counts if r % 2 == 0 else reversed(counts):     # drift hits all alike
-            world.Barrier()
+    layers = list(ctx.weights.layers)
+    moe = [i for i, layer in enumerate(layers) if layer.index in set(ctx.weights.meta.moe_layers)]
+    counts = sorted(counts)
+    seed, rest = counts[0], counts[1:]
+    schedule, times = [], {m: [] for m in counts}
+    sync = 0.0
+
+    def run(a: int, b: int, m: int, timed: bool):
+        nonlocal x, sync
+        sub = dataclasses.replace(ctx, weights=Weights(ctx.weights.meta, layers[a:b], None))
+        if ctx.on_segment is not None:
+            ctx.on_segment(m, layers[a].index)
+        t = time.perf_counter()
+        x = run_batch(sub, exchangers[:m], x, 0, batch)
+        seconds = time.perf_counter() - t
+        schedule.append((layers[a].index, layers[b - 1].index + 1, m))
+        if timed:
             t = time.perf_counter()
-            run_batch(trial, exchangers[:m], x, 0, -1)
-            best[m] = min(best[m], time.perf_counter() - t)
-    return {m: world.allreduce(s, op=MPI.MAX) for m, s in best.items()}
+            seconds = world.allreduce(seconds, op=MPI.MAX)
+            sync += time.perf_counter() - t
+            times[m].append(segment_seconds(m, seconds))
+
+    if not moe or not rest:
+        run(0, len(layers), seed, False)
+        return x, Tuning(seed, {}, schedule, 0.0, 0.0, "one candidate count")
+    if len(moe) < 2:
+        run(0, len(layers), seed, False)
+        return x, Tuning(seed, {}, schedule, 0.0, 0.0, "fewer than 2 MoE layers")
+    run(0, moe[0] + 1, seed, False)      # the dense layers and a first MoE layer: warm-up
+    first = moe[1]
+    if first > moe[0] + 1:
+        run(moe[0] + 1, first, seed, False)
+    run(first, first + 1, seed, True)
+    best, t_best = seed, times[seed][0]
+    budget = share * t_best * moe_executions
+    reason, at = "every candidate tried", first + 1
+    for m in rest:
+        spent = sum(t - t_best for ts in times.values() for t in ts)
+        if at not in moe:
+            reason = "no MoE layer left in the first batch"
+            break
+        if spent + PRIOR * t_best > budget:
+            reason = (f"the next trial could cost more than the budget, {share:.0%} of the "
+                      f"forecast MoE work")
+            break
+        if before_trials is not None:
+            t = time.perf_counter()
+            before_trials()
+            sync += time.perf_counter() - t
+            before_trials = None
+        run(at, at + 1, m, True)
+        at += 1
+        if times[m][-1] < t_best * (1 - TIE):
+            best, t_best = m, times[m][-1]
+        else:
+            reason = f"{m} micro-batches were no faster than {best}"
+            break
+    if at < len(layers):
+        run(at, len(layers), best, False)
+    cost = sum(t - t_best for ts in times.values() for t in ts) + sync
+    return x, Tuning(best, times, schedule, budget, max(cost, 0.0), reason)
 
 
 def splits_exactly(h, w_in, w_out, activation: str, rows: int) -> bool:
