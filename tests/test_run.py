@@ -147,7 +147,9 @@ def test_placement_json(files, tmp_path):
 
 
 def test_telemetry_recorded(files, tmp_path):
-    path, proc = run(files, tmp_path, 2, "e4.h5", "tok.h5", "--micro-batches", "2")
+    # every layer replayed (a 3-MoE-layer job's default sample is empty: test_replay.py)
+    path, proc = run(files, tmp_path, 2, "e4.h5", "tok.h5", "--micro-batches", "2",
+                     "--set", "pipeline.pure_comm_layers=all")
     with h5py.File(path, "r") as f:
         for name in ("gate", "dispatch", "expert", "combine", "compute", "wait", "overall",
                      "pure_comm", "overlap"):

@@ -317,7 +317,10 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                 cfg.pipeline.pure_comm_layers, world.allreduce(forward_s, op=MPI.MAX))
             say(world, f"overlap %: exchanges replayed alone on {int(replayed.sum())} of "
                        f"{len(moe_layers)} MoE layers (pipeline.pure_comm_layers = "
-                       f"{cfg.pipeline.pure_comm_layers}), the others estimated from their rows")
+                       f"{cfg.pipeline.pure_comm_layers}), the others estimated from their rows"
+                if replayed.any() else
+                "overlap %: not measured: replaying even one layer's exchanges could cost more "
+                "than 2 % of this forward (pipeline.pure_comm_layers = all replays every layer)")
         replay_s = time.perf_counter() - t
         for ex in exchangers:
             ex.close()
