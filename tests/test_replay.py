@@ -30,7 +30,9 @@ def _run(files, tmp_path, name, *extra):
 
 def test_sampled_replay_costs_under_two_percent_and_every_layer_on_request(files, tmp_path):
     proc, replayed, pure, overlap, phases, forward, moe = _run(files, tmp_path, "s.h5")
-    assert "exchanges replayed alone on" in proc.stdout
+    # replayed on some layers, or, when even one could cost more than 2 %, not measured
+    assert ("exchanges replayed alone on" in proc.stdout) == bool(replayed)
+    assert ("overlap %: not measured" in proc.stdout) == (not replayed)
     assert set(replayed) < set(moe)                    # a sample, of MoE layers
     # a replay can take more than its forecast (the first: its exchanges' time in the run,
     # under 2 ranks on 2 cores and a busy machine): 10 ms of slack for that and the barriers
