@@ -46,13 +46,14 @@ def replay_pure_comm(world: MPI.Comm, exchanger, tel, moe_layers: list[int], num
     """
     pure = np.zeros(num_layers)
     replayed = np.zeros(num_layers, dtype=bool)
-    rows = np.array([tel.traffic[m].sum() for m in range(len(moe_layers))], np.float64)
+    mine = np.array([tel.traffic[m].sum() for m in range(len(moe_layers))], np.float64)
+    rows = mine.copy()
     exchange_s = np.array([tel.seconds["dispatch"][l] + tel.seconds["combine"][l]
                            for l in moe_layers], np.float64)
     for a in (rows, exchange_s):                    # the slowest rank's
         world.Allreduce(MPI.IN_PLACE, a, op=MPI.MAX)
     budget = np.inf if mode == "all" else share * forward_s
-    spent, per_row = 0.0, None
+    spent, per_row, done = 0.0, None, []
     for m in spread(len(moe_layers)):
         forecast = exchange_s[m] if per_row is None else per_row * rows[m]
         if spent + forecast > budget:
@@ -60,11 +61,9 @@ def replay_pure_comm(world: MPI.Comm, exchanger, tel, moe_layers: list[int], num
         seconds = exchanger.replay(tel.exchanges_of(m))
         pure[moe_layers[m]], replayed[moe_layers[m]] = seconds, True
         spent += world.allreduce(seconds, op=MPI.MAX)
-        done = [i for i, l in enumerate(moe_layers) if replayed[l]]
+        done.append(m)
         per_row = spent / max(rows[done].sum(), 1.0)
-    done = [i for i, l in enumerate(moe_layers) if replayed[l]]
     if done:                     # the others: this rank's rows at its replayed seconds per row
-        mine = np.array([tel.traffic[i].sum() for i in range(len(moe_layers))], dtype=np.float64)
         rate = sum(pure[moe_layers[i]] for i in done) / max(mine[done].sum(), 1.0)
         for i, l in enumerate(moe_layers):
             if not replayed[l]:

@@ -308,13 +308,14 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                 last_report = now
         forward_s = time.perf_counter() - t
         watchdog.close()
+        elapsed = world.allreduce(forward_s, op=MPI.MAX)
         t = time.perf_counter()
         pure_comm = np.zeros(meta.num_layers)
         replayed = np.zeros(meta.num_layers, dtype=bool)
         if cfg.pipeline.measure_pure_comm:
             pure_comm, replayed = replay_pure_comm(
                 world, exchangers[0], tel, moe_layers, meta.num_layers,
-                cfg.pipeline.pure_comm_layers, world.allreduce(forward_s, op=MPI.MAX))
+                cfg.pipeline.pure_comm_layers, elapsed)
             say(world, f"overlap %: exchanges replayed alone on {int(replayed.sum())} of "
                        f"{len(moe_layers)} MoE layers (pipeline.pure_comm_layers = "
                        f"{cfg.pipeline.pure_comm_layers}), the others estimated from their rows"
@@ -326,7 +327,6 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             ex.close()
         exchangers = []
 
-        elapsed = world.allreduce(forward_s, op=MPI.MAX)
         tuning_s = tuning.cost_s if tuning else 0.0
         peak = world.allreduce(peak_host_bytes(), op=MPI.MAX)
         say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens * (num_batches - done) / num_batches / max(elapsed, 1e-9):,.0f} tokens/s; "

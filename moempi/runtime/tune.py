@@ -37,7 +37,7 @@ from mpi4py import MPI
 from moempi.model.experts import mlp
 from moempi.model.shapes import ModelMeta
 from moempi.model.stack import Weights
-from moempi.runtime.pipeline import Context, Scheduler, Telemetry, piece_rows, run_batch
+from moempi.runtime.pipeline import Context, piece_rows, run_batch
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
 TIE = 0.02                   # a count must be this much faster than the best so far to win
@@ -122,12 +122,10 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
             sync += time.perf_counter() - t
             times[m].append(segment_seconds(m, seconds))
 
-    if not moe or not rest:
+    if len(moe) < 2 or not rest:
         run(0, len(layers), seed, False)
-        return x, Tuning(seed, {}, schedule, 0.0, 0.0, "one candidate count")
-    if len(moe) < 2:
-        run(0, len(layers), seed, False)
-        return x, Tuning(seed, {}, schedule, 0.0, 0.0, "fewer than 2 MoE layers")
+        return x, Tuning(seed, {}, schedule, 0.0, 0.0,
+                         "one candidate count" if not rest else "fewer than 2 MoE layers")
     run(0, moe[0] + 1, seed, False)      # the dense layers and a first MoE layer: warm-up
     first = moe[1]
     if first > moe[0] + 1:
