@@ -65,7 +65,7 @@ class Tuning:
     schedule: list                # [(first layer, last layer + 1, count)] of the first batch
     budget_s: float               # what the tuning was allowed to cost
     cost_s: float                 # what it cost: the trial layers' time over the chosen
-                                  # count's, plus the timing's synchronisations
+                                  # count's, plus the trials' synchronisations
     reason: str                   # why it stopped trying
 
     def to_dict(self) -> dict:
@@ -119,7 +119,8 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
         if timed:
             t = time.perf_counter()
             seconds = world.allreduce(seconds, op=MPI.MAX)
-            sync += time.perf_counter() - t
+            if m != seed:        # (the seed's wait for the slowest rank replaces the one the
+                sync += time.perf_counter() - t     # next layer's first exchange would have)
             times[m].append(segment_seconds(m, seconds))
 
     if len(moe) < 2 or not rest:
