@@ -55,6 +55,9 @@ class PipelineSection:
     chunk_rows: int = 0              # expert GEMM rows between MPI polls while exchanges are in
                                      # flight (CPU); 0 = measured at start-up
     batch_tokens: int = 0            # tokens per rank per batch (balancing/checkpoint step); 0 = all
+    local_kernels: str = "auto"      # the exchange's local steps on the CPU: "compiled" (numba,
+                                     # one pass each), "numpy", or "auto": compiled when the
+                                     # job's exchanged rows repay loading them; same bits
     measure_pure_comm: bool = True   # replay exchanges without compute (for overlap %)
     pure_comm_layers: str = "sample" # "sample": layers within 2 % of the forward, the others
                                      # estimated from their rows; "all": every MoE layer
@@ -112,6 +115,9 @@ class Config:
         if pl.pure_comm_layers not in ("sample", "all"):
             raise MoempiError(f"config: pipeline.pure_comm_layers must be sample or all, not "
                               f"{pl.pure_comm_layers!r}")
+        if pl.local_kernels not in ("auto", "compiled", "numpy"):
+            raise MoempiError(f"config: pipeline.local_kernels must be auto, compiled or numpy, "
+                              f"not {pl.local_kernels!r}")
         if not 0 <= pl.tuning_budget <= 1:
             raise MoempiError(f"config: pipeline.tuning_budget must be in [0, 1], not "
                               f"{pl.tuning_budget}")

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from moempi.errors import MoempiError
-from moempi.model.arrays import BF16, decode_bf16, encode_bf16, round_bf16
+from moempi.model.arrays import BF16, decode_bf16, encode_bf16, round_bf16, weighted_rows
 from moempi.model.experts import ACTIVATIONS, mlp, mlp_bf16
 from moempi.runtime import cupy_standin
 
@@ -82,12 +82,19 @@ class Ready:
 
 
 class HostBackend:
-    """numpy on the CPU: every step is synchronous."""
+    """numpy on the CPU: every step is synchronous.
+
+    ``kernels``: the exchange's local steps compiled into one pass each
+    (:func:`moempi.model.fused.load`, same bits), or None for the numpy steps.
+    """
 
     name = "numpy"
     xp = np
     gpu = False
     device_buffers = False
+
+    def __init__(self, kernels=None):
+        self.kernels = kernels
 
     def running(self):
         """The context the forward pass runs in (on a device: its stream current)."""
@@ -117,7 +124,9 @@ class HostBackend:
     def pack(self, rows_of, idx, out, bf16: bool, scratch=None):
         """Gather ``rows_of[idx]`` into the send buffer ``out`` (BF16-rounded if asked, through
         ``scratch``: uint16 rows like ``rows_of``)."""
-        if bf16:
+        if bf16 and self.kernels:
+            self.kernels.pack_bf16(rows_of, idx, out)
+        elif bf16:
             round_bf16(rows_of, out, idx, scratch)
         else:               # mode "clip": numpy buffers ``out`` in the checking mode (3x slower)
             np.take(rows_of, idx, axis=0, out=out, mode="clip")
@@ -130,6 +139,14 @@ class HostBackend:
         elif not (rows.ctypes.data == out.ctypes.data and rows.shape == out.shape):
             out[...] = rows                 # (the experts did not write in place)
         return None
+
+    def weighted_sum(self, x, back, pos, weights) -> None:
+        """``x[n] += sum_k weights[n, k] * back[pos[n, k]]`` (``back`` float32 or BF16 bits;
+        ``pos`` -1 where dropped), as :func:`moempi.model.arrays.weighted_rows` does."""
+        if self.kernels:
+            self.kernels.weighted_sum(x, back, pos, weights)
+        else:
+            weighted_rows(x, back, pos, weights)
 
     def unpack(self, buf, bf16: bool, scratch, keep_bf16: bool = False):
         """A received buffer as float32 rows (``scratch`` holds the decoded copy for BF16;
@@ -157,6 +174,7 @@ class DeviceBackend(HostBackend):
     gpu = True
 
     def __init__(self, cp, device: int, cuda_aware: bool, name: str = "cupy"):
+        super().__init__()
         self.cp = self.xp = cp
         self.name = name
         self.device = device

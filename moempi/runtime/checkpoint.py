@@ -36,6 +36,7 @@ def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int,
             for key, value in table.items()}
     for key in ("run.output", "run.overwrite", "run.checkpoint", "pipeline.measure_pure_comm",
                 "pipeline.pure_comm_layers", "pipeline.tuning_budget",
+                "pipeline.local_kernels",
                 "pipeline.stall_timeout", "pipeline.chunk_rows", "run.weights"):
         data.pop(key)
     for key in ("run.model", "run.tokens"):

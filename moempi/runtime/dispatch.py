@@ -15,7 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 from moempi.errors import MoempiError
-from moempi.model.arrays import BF16, array_module, weighted_rows
+from moempi.model.arrays import BF16, array_module
 from moempi.runtime.backend import HostBackend
 
 
@@ -221,7 +221,7 @@ class Exchanger:
             x += self.backend.xp.einsum("nkh,nk->nh", self.per_token(back, plan, len(x)),
                                         weights)
         else:
-            weighted_rows(x, back, plan.positions(len(x)), weights)
+            self.backend.weighted_sum(x, back, plan.positions(len(x)), weights)
 
     def per_token(self, back, plan: DispatchPlan, num_tokens: int):
         """:meth:`combine`'s rows as `[N, K, H]` float32 per token and slot, 0 where dropped."""

@@ -159,14 +159,21 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                f"precision {cfg.run.precision}")
 
     backend = parallel.agree(world, make_backend, cfg.backend.name, world, cfg.backend.cuda_aware)
+    start, stop = split_rows(setup.num_tokens, world.size)[world.rank]   # this rank's tokens
+    num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
+    # every rank's figure alike (the largest rank's tokens), so every rank makes one choice
+    backend.kernels, kernels = tune.local_kernels(
+        cfg.pipeline.local_kernels, backend.gpu,
+        max_local * meta.top_k * meta.hidden_size * len(meta.moe_layers))
+    if kernels["mode"] == "compiled":
+        say(world, f"exchange's local steps compiled ({kernels['reason']}): loaded in "
+                   f"{world.allreduce(kernels['load_seconds'], op=MPI.MAX):.2f} s")
     devices = world.gather(backend.describe(), root=0)
     if backend.gpu and world.rank == 0:
         say(world, "devices: " + "; ".join(f"rank {r}: {d}" for r, d in enumerate(devices)))
     capacity = cfg.run.gpu_memory_gb * 1e9 or backend.memory_bytes()
     if capacity:
         parallel.root_call(world, check_memory, cfg, meta, layout, setup.num_tokens, capacity)
-    start, stop = split_rows(setup.num_tokens, world.size)[world.rank]   # this rank's tokens
-    num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
     batch = cfg.pipeline.batch_tokens or max(1, max_local)
     host = cfg.run.host_memory_gb * 1e9
     if not host:                 # the node's available memory, shared by its ranks
@@ -344,7 +351,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             tuning={"micro_batches": tuning.to_dict() if tuning else None,
                     "cost_share_of_forward": tuning_s / max(elapsed, 1e-9),
                     "chunk_rows": chunking["chunk"], "row_quantum": chunking["quantum"],
-                    "chunk_seconds": chunking["seconds"],
+                    "chunk_seconds": chunking["seconds"], "local_kernels": kernels,
                     "gemm_flops_by_rows": {str(r): f for r, f in chunking["rates"].items()}},
             phase_seconds={"start_up": world.allreduce(startup_s, op=MPI.MAX),
                            "weights": load_s, "tuning": tuning_s,

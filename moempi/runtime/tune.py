@@ -9,6 +9,10 @@
   spent 50 s on it for a 3.3 s forward.  A performance model chose before that
   (``perf.choose_micro_batches``, still what ``moempi plan`` uses); on the same machine it
   chose 8 micro-batches where 1 was 20-30 % faster.
+* The exchange's local steps (CPU backend, ``pipeline.local_kernels``): numpy's steps, or
+  the same steps compiled into one pass each (:mod:`moempi.model.fused`, same bits), which
+  cost a fixed load at start-up; :func:`local_kernels` takes them only for a job whose
+  exchanged rows repay that load.
 * The expert GEMM chunk (CPU backend): while exchanges are in flight the expert compute is
   cut into chunks, with MPI progress between them; a chunk is the fewest rows whose GEMM
   keeps 95 % of the large-matrix rate, and a multiple of the BLAS's row quantum (below).
@@ -47,6 +51,43 @@ PRIOR = 3.0                  # an untried count may cost this many layers more: 
 QUANTA = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)   # row quanta tried, fewest first
 CHUNK_MIN, CHUNK_MAX = 32, 1024   # chunk sizes timed: quantum x 2^i in this range
 CHUNK_SHARE = 0.95           # a chunk keeps this share of the largest size's GEMM rate
+
+
+# What the compiled local steps save and cost, measured on this project's 2-core machine
+# (numba 0.68, one core per rank): against numpy's steps they saved 0.19 ns per exchanged
+# element at the least (fp32, H 7168: packing and the weighted sum of 1024 rows, 4.6 ->
+# 3.2 ms; bf16 0.35 ns; H 1024 0.7-0.9 ns), and loading numba and the cached kernels took
+# 0.3-0.6 s per process (compiling them the first time, once per installation, 2-3 s).
+KERNEL_SAVING_S = 0.19e-9    # seconds saved per exchanged element (row x hidden), at least
+KERNEL_LOAD_S = 0.6          # seconds to import numba and load the cached kernels, at most
+
+
+def local_kernels(mode: str, gpu: bool, elements: int):
+    """The exchange's local steps for a job: ``(kernels or None, record)``.
+
+    ``mode`` is ``pipeline.local_kernels``; ``elements`` the elements (rows x hidden) one
+    rank sends over the whole job, the same figure on every rank.  ``"auto"`` compiles when
+    they save more than loading costs (:data:`KERNEL_SAVING_S`, :data:`KERNEL_LOAD_S`).
+    ``record`` (for the output's ``tuning``): ``mode`` (``compiled``/``numpy``), ``reason``
+    and ``load_seconds``.  A device backend has its own kernels: always ``numpy`` here.
+    """
+    saving = KERNEL_SAVING_S * elements
+    if gpu:
+        choice, reason = "numpy", "a GPU backend: its exchange runs on the device"
+    elif mode != "auto":
+        choice, reason = mode, "pipeline.local_kernels"
+    elif saving > KERNEL_LOAD_S:
+        choice, reason = "compiled", (f"forecast saving {saving:.1f} s over a load of at most "
+                                      f"{KERNEL_LOAD_S} s")
+    else:
+        choice, reason = "numpy", (f"forecast saving {saving:.2f} s would not repay a load of "
+                                   f"up to {KERNEL_LOAD_S} s")
+    kernels = None
+    if choice == "compiled":
+        from moempi.model import fused
+        kernels = fused.load()
+    return kernels, {"mode": choice, "reason": reason,
+                     "load_seconds": kernels.load_seconds if kernels else 0.0}
 
 
 def candidates(rows: int, most: int) -> list[int]:
