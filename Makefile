@@ -44,7 +44,9 @@ validate: install
 	MPIEXEC_TIMEOUT=300 $(BIN)/python -m pytest -q -m validate tests/test_validate.py
 
 # Benchmarks, as ratios measured in one run: 2 ranks (one core each, so MPICH may poll
-# freely) for compute, exchange and overlap; 4 ranks for load balancing; the placement table.
+# freely) for compute, exchange and overlap; 4 ranks for load balancing; the placement table;
+# last, whole `moempi run` jobs at 2 ranks against their layers' GEMM floors (`bench job`
+# launches them itself; its models are written once into work/bench-job).
 NO_THROTTLE := env -u MPIR_CVAR_CH4_PROGRESS_THROTTLE -u MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT -u MPIR_CVAR_POLLS_BEFORE_YIELD
 bench: install
 	@mkdir -p work
@@ -54,6 +56,7 @@ bench: install
 	$(BIN)/moempi bench place --quick | tee -a work/bench.txt
 	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 16 $(BIN)/moempi bench node | tee -a work/bench.txt
 	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 4 $(BIN)/moempi bench tp | tee -a work/bench.txt
+	MPIEXEC_TIMEOUT=600 MPIEXEC=$(MPIEXEC) $(NO_THROTTLE) $(BIN)/moempi bench job | tee -a work/bench.txt
 
 # The GPU checks, on a machine with a GPU, in one bounded run of about 6 minutes
 # (tests/gpu_check.py): first the go/no-go correctness table (rank -> GPU binding, the BF16

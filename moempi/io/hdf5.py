@@ -28,8 +28,15 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def bf16_decode(bits: np.ndarray) -> np.ndarray:
-    """uint16 BF16 bit patterns -> float32, exactly."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    """uint16 BF16 bit patterns -> float32, exactly.
+
+    One shift into the float32 result (no uint32 temporary): a 7168 x 2048 matrix in 17
+    against 114 ms here, which made reading an H 7168 model's weights 3x slower than the
+    file's reads."""
+    bits = np.asarray(bits, dtype=np.uint16)
+    out = np.empty(bits.shape, np.float32)
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
 def _encoding(ds: h5py.Dataset) -> str:
