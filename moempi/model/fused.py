@@ -62,7 +62,10 @@ def load() -> Kernels:
     with _lock:
         if _kernels is None:
             t = time.perf_counter()
-            k = _build()
+            try:
+                k = _build(cache=True)
+            except RuntimeError:      # no writable cache location: compile in this process
+                k = _build(cache=False)
             x = np.zeros((2, 4), np.float32)
             idx = np.zeros(2, np.int64)
             pos = np.zeros((2, 1), np.int64)
@@ -75,10 +78,10 @@ def load() -> Kernels:
         return _kernels
 
 
-def _build():
+def _build(cache: bool):
     import numba
 
-    opts = dict(nogil=True, cache=True, boundscheck=False)
+    opts = dict(nogil=True, cache=cache, boundscheck=False)
 
     @numba.njit(**opts)
     def gather_round(bits, idx, out):
