@@ -35,7 +35,15 @@ run: install
 	MPIEXEC_TIMEOUT=300 $(BIN)/mpiexec -n $(NP) $(BIN)/moempi run input/demo.toml --overwrite
 	$(BIN)/moempi inspect $(DEMO)/out.h5
 
-test: install
+# The judges of tests/test_families.py, for `make test` only (`make run` does not pay for
+# them): torch pinned exactly, so pip takes the CPU wheel of the local wheel folder and not
+# PyPI's multi-GB CUDA build; transformers 5.23 has the four families and works with it.
+JUDGES := torch==2.13.0 transformers==5.23.0
+$(VENV)/.judges: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(JUDGES)
+	touch $@
+
+test: install $(VENV)/.judges
 	MPIEXEC_TIMEOUT=120 $(BIN)/python -m pytest -q tests
 
 # `moempi plan` against timed local runs (2 and 4 ranks, two shapes, overlap on and off):

@@ -66,14 +66,18 @@ def test_checkpoint_from_another_run_is_refused(files, tmp_path):
 
 
 def test_resume_reuses_the_recorded_micro_batch_count(files, tmp_path):
-    """The start-up timing chose 3 in the killed start; the resumption keeps 3 (it would
-    choose otherwise), and naming another count is refused, naming the setting."""
+    """The timing chose 3 in the killed start; the resumption keeps 3 (it would choose
+    otherwise), and naming another count is refused, naming the setting.  The output equals
+    an uninterrupted run that made the same choice (its first batch ran its first MoE layers
+    with 1 micro-batch while choosing: not a run at 3 throughout, whose micro-batches cut
+    those layers' GEMMs differently, and on a BLAS with a row quantum of 12 change bits)."""
     common = ["--model", files / "deep.h5", "--tokens", files / "tok.h5",
               "--set", "pipeline.batch_tokens=50"]
     script, ckpt, out = tmp_path / "kill.py", tmp_path / "ckpt", tmp_path / "out.h5"
     script.write_text(KILL)
     full = tmp_path / "full.h5"
-    mpirun(2, "run", *common, "--output", full, "--micro-batches", "3")
+    mpirun(2, script, *common, "--output", full, python=True,
+           env={"KILL_AFTER_BATCH": "99", "PROBE_CHOICE": "3"})
     mpirun(2, script, *common, "--output", out, "--checkpoint", ckpt, python=True, check=False,
            env={"KILL_AFTER_BATCH": "1", "PROBE_CHOICE": "3"})
     other = mpirun(2, "run", *common, "--output", out, "--checkpoint", ckpt,

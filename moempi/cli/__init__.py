@@ -65,7 +65,9 @@ def main():
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
               help="Base shape: tiny (6 layers, unit tests), small (61 layers, 4 experts, "
-                   "hidden 256: the demo), deepseek-v3 (61 layers, 256 experts, hidden 7168).")
+                   "hidden 256: the demo), deepseek-v3 (61 layers, 256 experts, hidden 7168), "
+                   "deepseek-v3-full (the same with DeepSeek-V3's gated experts, top-8 "
+                   "sigmoid routing in 4 of 8 groups, shared expert, correction bias).")
 @click.option("--experts", type=int, help="Experts per MoE layer.")
 @click.option("--layers", type=int, help="Total layers.")
 @click.option("--dense-layers", type=int, help="Leading dense layers.")
@@ -90,12 +92,17 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
                                       moe_ffn_size=ffn, dense_ffn_size=dense_ffn, top_k=top_k,
                                       activation=activation, weight_dtype=dtype).items()
                if v is not None}
-    meta = PRESETS[preset].replace(**changes, has_final_norm=not no_final_norm).validate(out)
+    base = PRESETS[preset]
+    if layers is not None and dense_layers is None:
+        # `--preset deepseek-v3-full --layers 2`: the preset's dense layers, as many as fit
+        changes["num_dense_layers"] = min(base.num_dense_layers, layers)
+    meta = base.replace(**changes, has_final_norm=not no_final_norm).validate(out)
     _check_new_file(out, overwrite)
     size = sum(math.prod(shape) for shape in model_shapes(meta).values()) * meta.weight_bytes
     check_free_space(out, size)
     click.echo(f"writing {out}: {meta.num_layers} layers, {meta.num_experts} experts, hidden "
-               f"{meta.hidden_size}, {meta.weight_dtype}, {size / 2**30:.2f} GiB")
+               f"{meta.hidden_size}, {meta.weight_dtype}, {size / 2**30:.2f} GiB"
+               + (f"; {', '.join(meta.features)}" if meta.features else ""))
     with _progress(size, meta.num_layers, "layers") as bar:
         write_model(out, meta, seed, lambda done, total: bar.update(1), overwrite)
 
@@ -104,6 +111,36 @@ def _progress(nbytes: int, steps: int, what: str):
     """A progress bar on stderr over ``steps`` for a write of ``nbytes`` (hidden when small)."""
     return click.progressbar(length=steps, label=f"  {what}", file=sys.stderr, show_pos=True,
                              hidden=nbytes < PROGRESS_BYTES)
+
+
+@cli.command("convert")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--layers", type=int, help="Keep only the first N layers.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Storage dtype of the weights (bf16 as uint16 with encoding=\"bfloat16\"; "
+                   "FP8 weights are dequantised by their block scales first).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def convert(src, out, layers, dtype, overwrite):
+    """Convert a Hugging Face model folder SRC (config.json + safetensors) to a moempi model
+    file OUT (docs/design.md §2.1): MixtralForCausalLM, Qwen2MoeForCausalLM,
+    Qwen3MoeForCausalLM, DeepseekV3ForCausalLM.  Streams one tensor at a time; keeps the
+    post-attention norms, routers, experts, dense and shared MLPs and the final norm, and
+    leaves out attention (moempi's stack has none)."""
+    from moempi.io.convert import convert as run_convert
+    signals.install()
+    _check_new_file(out, overwrite)
+    bar = click.progressbar(length=1, label="  tensors", file=sys.stderr, show_pos=True)
+
+    def progress(done, total):
+        bar.length = total
+        bar.update(done - bar.pos)
+
+    lines = []                      # the summary, said after the bar so as not to cut it
+    with bar:
+        run_convert(src, out, layers, dtype, overwrite, progress, say=lines.append)
+    for line in lines:
+        click.echo(line)
 
 
 @cli.command("make-tokens")

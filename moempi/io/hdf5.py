@@ -19,6 +19,11 @@ MODEL_VERSION = 1
 BF16 = "bfloat16"
 INT_ATTRS = ("hidden_size", "moe_ffn_size", "dense_ffn_size", "num_layers", "num_dense_layers",
              "num_experts", "top_k")                 # a model's integer root attributes
+# optional root attributes (docs/design.md §2.1): name -> type; absent, the ModelMeta default
+FAMILY_ATTRS = {"expert_kind": str, "dense_kind": str, "router": str, "n_group": int,
+                "topk_group": int, "routed_scaling_factor": float, "shared_ffn_size": int,
+                "shared_expert_gate": bool}
+SCORE_BIAS = "e_score_correction_bias"
 
 
 # -- the BF16 codec: uint16 bit patterns with attribute encoding = "bfloat16" -------------
@@ -122,6 +127,10 @@ def meta_from_file(f: h5py.File, path: str) -> ModelMeta:
     values["norm_eps"] = _attr(f, "norm_eps", float, path)
     values["norm_topk_prob"] = _attr(f, "norm_topk_prob", bool, path)
     values["has_final_norm"] = "final_norm" in f
+    values.update({name: _attr(f, name, kind, path) for name, kind in FAMILY_ATTRS.items()
+                   if name in f.attrs})
+    first_moe = values["num_dense_layers"]
+    values["has_score_bias"] = f"layers/{first_moe:03d}/{SCORE_BIAS}" in f
     meta = ModelMeta(**values).validate(source=path)
     # the weight dtype: the first expert matrix's, else the first dense one's
     if meta.num_layers > meta.num_dense_layers:
@@ -150,28 +159,73 @@ def _dataset(f: h5py.File, name: str, path: str) -> h5py.Dataset:
 def model_shapes(meta: ModelMeta) -> dict[str, tuple]:
     """Every dataset of a model file and its shape (docs/design.md §2.1)."""
     H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
+    Fs = meta.shared_ffn_size
     shapes = {}
     for l in range(meta.num_layers):
-        shapes[f"layers/{l:03d}/norm"] = (H,)
+        g = f"layers/{l:03d}"
+        shapes[f"{g}/norm"] = (H,)
         if meta.is_moe(l):
-            shapes[f"layers/{l:03d}/gate"] = (H, E)
-            shapes[f"layers/{l:03d}/experts/w_in"] = (E, H, F)
-            shapes[f"layers/{l:03d}/experts/w_out"] = (E, F, H)
+            shapes[f"{g}/gate"] = (H, E)
+            if meta.expert_kind == "gated":
+                shapes[f"{g}/experts/w_gate"] = (E, H, F)
+            shapes[f"{g}/experts/w_in"] = (E, H, F)
+            shapes[f"{g}/experts/w_out"] = (E, F, H)
+            if meta.has_score_bias:
+                shapes[f"{g}/{SCORE_BIAS}"] = (E,)
+            if Fs:
+                if meta.expert_kind == "gated":
+                    shapes[f"{g}/shared/w_gate"] = (H, Fs)
+                shapes[f"{g}/shared/w_in"] = (H, Fs)
+                shapes[f"{g}/shared/w_out"] = (Fs, H)
+            if meta.shared_expert_gate:
+                shapes[f"{g}/shared_gate"] = (H, 1)
         else:
-            shapes[f"layers/{l:03d}/mlp/w_in"] = (H, Fd)
-            shapes[f"layers/{l:03d}/mlp/w_out"] = (Fd, H)
+            if meta.dense_kind == "gated":
+                shapes[f"{g}/mlp/w_gate"] = (H, Fd)
+            shapes[f"{g}/mlp/w_in"] = (H, Fd)
+            shapes[f"{g}/mlp/w_out"] = (Fd, H)
     if meta.has_final_norm:
         shapes["final_norm"] = (H,)
     return shapes
 
 
-def check_model_datasets(f: h5py.File, meta: ModelMeta, path: str) -> None:
-    """Every dataset present with the right shape and a readable dtype (metadata only)."""
-    for name, shape in model_shapes(meta).items():
+# datasets that would change the math if present: refused where the metadata does not say so
+_MEANINGFUL = ("experts/w_gate", "mlp/w_gate", "shared/w_in", "shared_gate", SCORE_BIAS)
+
+
+def check_datasets(f: h5py.File, meta: ModelMeta, path: str) -> None:
+    """Every dataset present with the right shape and a readable dtype (metadata only), and
+    no dataset the metadata does not account for that would change the math (a ``w_gate``
+    in a file whose ``expert_kind`` is plain, say)."""
+    shapes = model_shapes(meta)
+    for name, shape in shapes.items():
         ds = _dataset(f, name, path)
         if ds.shape != shape:
             raise MoempiError(f"{path}: dataset /{name} has shape {ds.shape}, expected {shape}")
         check_dtype(ds, f"{path}:/{name}")
+    for l in range(meta.num_layers):
+        for tail in _MEANINGFUL:
+            name = f"layers/{l:03d}/{tail}"
+            if name in f and name not in shapes:
+                raise MoempiError(f"{path}: dataset /{name} is not used by this model's root "
+                                  "attributes (docs/design.md §2.1): is an attribute missing?")
+
+
+def check_runnable(meta: ModelMeta, path: str) -> None:
+    """Refuse, in one line, a model `moempi run` cannot compute yet (the runtime knows plain
+    experts, softmax top-k and no shared expert); the serial forward
+    (:mod:`moempi.model.forward`) computes them all."""
+    if meta.features:
+        raise MoempiError(f"{path}: `moempi run` does not compute {', '.join(meta.features)} "
+                          "yet (docs/design.md §1); this model can be inspected and converted, "
+                          "not run")
+
+
+def check_model_datasets(f: h5py.File, meta: ModelMeta, path: str) -> None:
+    """The run's start-up check of the model (rank 0, ``runner.prepare``): the datasets as
+    :func:`check_datasets`, and a model the runtime can compute (:func:`check_runnable`)."""
+    check_datasets(f, meta, path)
+    check_runnable(meta, path)
 
 
 class ModelReader:
@@ -212,6 +266,66 @@ class ModelReader:
         return (self.read(f"{base}/w_in", (e, slice(None), cols)),
                 self.read(f"{base}/w_out", (e, cols)))
 
+    def layer(self, meta: ModelMeta, l: int) -> dict:
+        """Layer ``l``'s arrays as :func:`moempi.model.forward.forward` takes them, float32;
+        the experts read one at a time when indexed (``layer["experts"]["w_in"][e]``)."""
+        g = f"layers/{l:03d}"
+        out = {"norm": self.read(f"{g}/norm")}
+        if not meta.is_moe(l):
+            names = ("w_gate", "w_in", "w_out") if meta.dense_kind == "gated" else ("w_in", "w_out")
+            out["mlp"] = {n: self.read(f"{g}/mlp/{n}") for n in names}
+            return out
+        names = ("w_gate", "w_in", "w_out") if meta.expert_kind == "gated" else ("w_in", "w_out")
+        out["gate"] = self.read(f"{g}/gate")
+        out["experts"] = {n: _Slabs(self, f"{g}/experts/{n}") for n in names}
+        if meta.shared_ffn_size:
+            out["shared"] = {n: self.read(f"{g}/shared/{n}") for n in names}
+        if meta.shared_expert_gate:
+            out["shared_gate"] = self.read(f"{g}/shared_gate")
+        if meta.has_score_bias:
+            out[SCORE_BIAS] = self.read(f"{g}/{SCORE_BIAS}")
+        return out
+
+
+class _Slabs:
+    """``slabs[e]``: expert ``e``'s slab of a `[E, ...]` dataset, read when asked, float32."""
+
+    def __init__(self, reader: ModelReader, name: str):
+        self.reader, self.name = reader, name
+
+    def __getitem__(self, e) -> np.ndarray:
+        return self.reader.read(self.name, int(e))
+
+
+# -- writing a model file ----------------------------------------------------------------
+def write_model_attrs(f: h5py.File, meta: ModelMeta) -> None:
+    """The root attributes of §2.1; the family's only where they differ from the defaults,
+    so a model of moempi's original kind is written exactly as before."""
+    f.attrs["format"] = MODEL_FORMAT
+    f.attrs["version"] = MODEL_VERSION
+    for name in INT_ATTRS:
+        f.attrs[name] = int(getattr(meta, name))
+    f.attrs["activation"] = meta.activation
+    f.attrs["norm_eps"] = float(meta.norm_eps)
+    f.attrs["norm_topk_prob"] = bool(meta.norm_topk_prob)
+    default = ModelMeta()
+    for name, kind in FAMILY_ATTRS.items():
+        if getattr(meta, name) != getattr(default, name):
+            f.attrs[name] = kind(getattr(meta, name))
+
+
+def create_weight(f: h5py.File, name: str, shape, dtype: str) -> h5py.Dataset:
+    """An empty weight dataset in storage ``dtype`` (BF16 as uint16 + encoding)."""
+    ds = f.create_dataset(name, shape=shape, dtype=np.uint16 if dtype == BF16 else np.dtype(dtype))
+    if dtype == BF16:
+        ds.attrs["encoding"] = BF16
+    return ds
+
+
+def encode_weight(data: np.ndarray, dtype: str) -> np.ndarray:
+    """Values as stored in a dataset of ``dtype`` (BF16: bit patterns, round to nearest even)."""
+    return bf16_bits(data) if dtype == BF16 else np.asarray(data).astype(dtype)
+
 
 # -- synthetic model -------------------------------------------------------------------
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -229,30 +343,21 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None,
     """
     meta.validate(source=path)
     H, F, Fd, E = meta.hidden_size, meta.moe_ffn_size, meta.dense_ffn_size, meta.num_experts
-    np_dtype = np.uint16 if meta.weight_dtype == BF16 else np.dtype(meta.weight_dtype)
 
     def put(f, name, shape, gen):
         """Create ``name`` and fill it slab by slab along axis 0 (or whole, for vectors)."""
-        ds = f.create_dataset(name, shape=shape, dtype=np_dtype)
-        if meta.weight_dtype == BF16:
-            ds.attrs["encoding"] = BF16
+        ds = create_weight(f, name, shape, meta.weight_dtype)
         slabs = range(shape[0]) if len(shape) == 3 else [None]
         for i in slabs:
-            data = gen(i)
-            data = bf16_bits(data) if meta.weight_dtype == BF16 else data.astype(np_dtype)
+            data = encode_weight(gen(i), meta.weight_dtype)
             if i is None:
                 ds[...] = data
             else:
                 ds[i] = data
 
+    Fs = meta.shared_ffn_size
     with _write_atomically(path, overwrite) as f:
-        f.attrs["format"] = MODEL_FORMAT
-        f.attrs["version"] = MODEL_VERSION
-        for name in INT_ATTRS:
-            f.attrs[name] = int(getattr(meta, name))
-        f.attrs["activation"] = meta.activation
-        f.attrs["norm_eps"] = float(meta.norm_eps)
-        f.attrs["norm_topk_prob"] = bool(meta.norm_topk_prob)
+        write_model_attrs(f, meta)
         for l in range(meta.num_layers):
             g = f"layers/{l:03d}"
             put(f, f"{g}/norm", (H,),
@@ -264,7 +369,28 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None,
                     lambda e, l=l: _rng(seed, l, 2, e).standard_normal((H, F)) / H**0.5)
                 put(f, f"{g}/experts/w_out", (E, F, H),
                     lambda e, l=l: _rng(seed, l, 3, e).standard_normal((F, H)) / F**0.5)
+                # the family's parts (new random streams: the original ones stay as they were)
+                if meta.expert_kind == "gated":
+                    put(f, f"{g}/experts/w_gate", (E, H, F),
+                        lambda e, l=l: _rng(seed, l, 6, e).standard_normal((H, F)) / H**0.5)
+                if meta.has_score_bias:     # float32 whatever the weights, as DeepSeek-V3's
+                    f.create_dataset(f"{g}/{SCORE_BIAS}", data=(
+                        0.01 * _rng(seed, l, 7).standard_normal(E)).astype(np.float32))
+                if Fs:
+                    if meta.expert_kind == "gated":
+                        put(f, f"{g}/shared/w_gate", (H, Fs),
+                            lambda _, l=l: _rng(seed, l, 8).standard_normal((H, Fs)) / H**0.5)
+                    put(f, f"{g}/shared/w_in", (H, Fs),
+                        lambda _, l=l: _rng(seed, l, 9).standard_normal((H, Fs)) / H**0.5)
+                    put(f, f"{g}/shared/w_out", (Fs, H),
+                        lambda _, l=l: _rng(seed, l, 10).standard_normal((Fs, H)) / Fs**0.5)
+                if meta.shared_expert_gate:
+                    put(f, f"{g}/shared_gate", (H, 1),
+                        lambda _, l=l: _rng(seed, l, 11).standard_normal((H, 1)) / H**0.5)
             else:
+                if meta.dense_kind == "gated":
+                    put(f, f"{g}/mlp/w_gate", (H, Fd),
+                        lambda _, l=l: _rng(seed, l, 12).standard_normal((H, Fd)) / H**0.5)
                 put(f, f"{g}/mlp/w_in", (H, Fd),
                     lambda _, l=l: _rng(seed, l, 4).standard_normal((H, Fd)) / H**0.5)
                 put(f, f"{g}/mlp/w_out", (Fd, H),
@@ -347,6 +473,9 @@ def _write_atomically(path: str, overwrite: bool = False):
         with h5py.File(tmp, "w") as f:
             yield f
         files.publish(tmp, path, overwrite)
+
+
+write_atomically = _write_atomically     # for the model writers outside this module (convert)
 
 
 def check_output_path(path: str, overwrite: bool, inputs: dict[str, str] | None = None) -> None:

@@ -60,6 +60,23 @@ def mlp(h, w_in, w_out, activation: str, out=None):
     return _matmul(ACTIVATIONS[activation](_matmul(h, w_in)), w_out, out)
 
 
+def gated_mlp(h, w_gate, w_in, w_out, activation: str):
+    """``(act(h @ w_gate) * (h @ w_in)) @ w_out`` (SwiGLU with silu): h `[N, H]` float32,
+    w_gate and w_in (the "up" matrix) `[H, F]`, w_out (the "down" matrix) `[F, H]` ->
+    `[N, H]` float32.  transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
+    a = ACTIVATIONS[activation](_matmul(h, w_gate))
+    a *= _matmul(h, w_in)
+    return _matmul(a, w_out)
+
+
+def ffn(h, w: dict, kind: str, activation: str):
+    """One MLP by its kind: ``plain`` uses ``w["w_in"]``, ``w["w_out"]``; ``gated`` also
+    ``w["w_gate"]`` (shapes as :func:`mlp`, :func:`gated_mlp`)."""
+    if kind == "gated":
+        return gated_mlp(h, w["w_gate"], w["w_in"], w["w_out"], activation)
+    return mlp(h, w["w_in"], w["w_out"], activation)
+
+
 def mlp_bf16(h, w_in, w_out, activate):
     """The expert MLP on BF16 rows as a GPU runs it: h `[N, H]` BF16 (the wire's bits),
     w_in `[H, F]`, w_out `[F, H]` BF16 -> `[N, H]` BF16, ready for the wire.

@@ -10,6 +10,8 @@ from moempi.errors import MoempiError
 ACTIVATIONS = ("gelu", "silu", "relu")
 WEIGHT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}   # storage dtype -> B
 WEIGHT_DTYPES = tuple(WEIGHT_BYTES)
+MLP_KINDS = ("plain", "gated")     # act(h @ w_in) @ w_out | (act(h @ w_gate) * (h @ w_in)) @ w_out
+ROUTERS = ("softmax", "sigmoid")   # Mixtral/Qwen/moempi | DeepSeek-V3 (docs/design.md §1)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,35 @@ class ModelMeta:
     norm_topk_prob: bool = True      # renormalise the top-k weights to sum to 1
     weight_dtype: str = "bfloat16"   # storage dtype of the matrices
     has_final_norm: bool = True
+    # the real families (docs/design.md §1); the defaults are moempi's own models
+    expert_kind: str = "plain"       # routed experts: plain (two matrices) or gated (three)
+    dense_kind: str = "plain"        # the dense layers' MLP
+    router: str = "softmax"          # softmax top-k, or DeepSeek-V3's sigmoid with groups
+    n_group: int = 1                 # expert groups (E % n_group == 0); > 1 only with sigmoid
+    topk_group: int = 1              # groups a token may choose from
+    routed_scaling_factor: float = 1.0   # times the routed experts' weights
+    shared_ffn_size: int = 0         # hidden of the shared expert MLP (0: none), expert_kind
+    shared_expert_gate: bool = False     # Qwen2-MoE: shared output * sigmoid(h @ shared_gate)
+    has_score_bias: bool = False     # MoE layers hold e_score_correction_bias [E]
+
+    @property
+    def features(self) -> list[str]:
+        """What this model uses beyond moempi's original stack (plain experts, softmax
+        top-k, no shared expert, no stored bias): what `run` cannot compute yet."""
+        found = []
+        if self.expert_kind != "plain" and self.num_layers > self.num_dense_layers:
+            found.append("gated experts")
+        if self.dense_kind != "plain" and self.num_dense_layers:
+            found.append("gated dense MLPs")
+        if self.router != "softmax":
+            found.append(f"the {self.router} router")
+        if self.routed_scaling_factor != 1.0:
+            found.append("routed_scaling_factor")
+        if self.shared_ffn_size:
+            found.append("a shared expert")
+        if self.has_score_bias:
+            found.append("e_score_correction_bias")
+        return found
 
     @property
     def moe_layers(self) -> range:
@@ -42,8 +73,10 @@ class ModelMeta:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert's two matrices (DeepSeek-V3: 58.72 MB in BF16)."""
-        return 2 * self.hidden_size * self.moe_ffn_size * self.weight_bytes
+        """Bytes of one expert's matrices (two plain, three gated; DeepSeek-V3: 88.08 MB
+        in BF16)."""
+        matrices = 3 if self.expert_kind == "gated" else 2
+        return matrices * self.hidden_size * self.moe_ffn_size * self.weight_bytes
 
     def validate(self, source: str = "model") -> "ModelMeta":
         for name in ("hidden_size", "moe_ffn_size", "num_layers", "num_experts", "top_k"):
@@ -64,7 +97,32 @@ class ModelMeta:
             raise MoempiError(f"{source}: weight dtype must be one of {', '.join(WEIGHT_DTYPES)}")
         if not self.norm_eps > 0:
             raise MoempiError(f"{source}: norm_eps must be > 0")
+        self._validate_families(source)
         return self
+
+    def _validate_families(self, source: str) -> None:
+        for name, value, allowed in (("expert_kind", self.expert_kind, MLP_KINDS),
+                                     ("dense_kind", self.dense_kind, MLP_KINDS),
+                                     ("router", self.router, ROUTERS)):
+            if value not in allowed:
+                raise MoempiError(f"{source}: {name} must be one of {', '.join(allowed)}, "
+                                  f"not {value!r}")
+        E, G = self.num_experts, self.n_group
+        if G < 1 or E % G:
+            raise MoempiError(f"{source}: n_group ({G}) must be >= 1 and divide num_experts ({E})")
+        if G > 1 and self.router != "sigmoid":
+            raise MoempiError(f"{source}: n_group > 1 needs router = \"sigmoid\"")
+        if not 1 <= self.topk_group <= G:
+            raise MoempiError(f"{source}: topk_group ({self.topk_group}) must be in 1..n_group ({G})")
+        if self.top_k > self.topk_group * (E // G):
+            raise MoempiError(f"{source}: top_k ({self.top_k}) exceeds the experts of "
+                              f"topk_group ({self.topk_group}) groups of {E // G}")
+        if not self.routed_scaling_factor > 0:
+            raise MoempiError(f"{source}: routed_scaling_factor must be > 0")
+        if self.shared_ffn_size < 0:
+            raise MoempiError(f"{source}: shared_ffn_size must be >= 0")
+        if self.shared_expert_gate and not self.shared_ffn_size:
+            raise MoempiError(f"{source}: shared_expert_gate without a shared expert")
 
     def replace(self, **changes) -> "ModelMeta":
         return dataclasses.replace(self, **changes)
@@ -79,4 +137,10 @@ PRESETS: dict[str, ModelMeta] = {
                        num_dense_layers=3, num_experts=4),
     # DeepSeek-V3's MoE stack: 61 layers, 3 dense, hidden 7168, expert hidden 2048, BF16
     "deepseek-v3": ModelMeta(),
+    # DeepSeek-V3's MoE stack as published: gated (SwiGLU) experts and dense layers, top-8
+    # sigmoid routing in 4 of 8 groups scaled by 2.5, one shared expert, correction bias
+    "deepseek-v3-full": ModelMeta(top_k=8, expert_kind="gated", dense_kind="gated",
+                                  router="sigmoid", n_group=8, topk_group=4,
+                                  routed_scaling_factor=2.5, shared_ffn_size=2048,
+                                  has_score_bias=True),
 }
