@@ -276,15 +276,16 @@ def test_cli_one_line_and_nothing_written(tmp_path):
     assert proc.returncode == 1 and "exists" in proc.stderr
 
 
-def test_run_refuses_what_it_cannot_compute(tmp_path):
-    """`moempi run` on a converted (gated, sigmoid-routed, shared-expert) model: one line at
-    start-up, no output, rather than a wrong answer."""
+def test_run_refuses_capacity_with_the_sigmoid_router(tmp_path):
+    """Capacity (softmax only) on a converted sigmoid-routed model: one line at start-up, no
+    output, rather than a wrong answer."""
     convert(str(folder(tmp_path / "a", tensors())), str(tmp_path / "m.h5"), say=quiet)
     moempi("make-tokens", tmp_path / "tok.h5", "-n", "8", "--hidden", H)
     proc = mpirun(1, "run", "--model", tmp_path / "m.h5", "--tokens", tmp_path / "tok.h5",
-                  "--output", tmp_path / "out.h5", check=False)
+                  "--output", tmp_path / "out.h5", "--set", "balance.capacity_factor=1.5",
+                  check=False)
     assert proc.returncode == 1
-    assert "does not compute gated experts" in proc.stderr
+    assert "capacity is implemented for the unscaled softmax router only" in proc.stderr
     assert not (tmp_path / "out.h5").exists()
 
 
@@ -300,8 +301,6 @@ def test_init_model_full_preset(tmp_path):
     assert meta.shared_ffn_size == 2048 and meta.has_score_bias and meta.routed_scaling_factor == 2.5
     with h5py.File(path, "r") as f:
         hdf5.check_datasets(f, meta, str(path))
-        with pytest.raises(MoempiError, match="does not compute"):
-            hdf5.check_model_datasets(f, meta, str(path))
     x = np.random.default_rng(2).standard_normal((50, 32)).astype(np.float32)
     with ModelReader(str(path)) as r:
         y = forward(x, meta, (r.layer(meta, l) for l in range(4)), r.read("final_norm"))

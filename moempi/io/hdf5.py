@@ -211,21 +211,10 @@ def check_datasets(f: h5py.File, meta: ModelMeta, path: str) -> None:
                                   "attributes (docs/design.md §2.1): is an attribute missing?")
 
 
-def check_runnable(meta: ModelMeta, path: str) -> None:
-    """Refuse, in one line, a model `moempi run` cannot compute yet (the runtime knows plain
-    experts, softmax top-k and no shared expert); the serial forward
-    (:mod:`moempi.model.forward`) computes them all."""
-    if meta.features:
-        raise MoempiError(f"{path}: `moempi run` does not compute {', '.join(meta.features)} "
-                          "yet (docs/design.md §1); this model can be inspected and converted, "
-                          "not run")
-
-
 def check_model_datasets(f: h5py.File, meta: ModelMeta, path: str) -> None:
     """The run's start-up check of the model (rank 0, ``runner.prepare``): the datasets as
-    :func:`check_datasets`, and a model the runtime can compute (:func:`check_runnable`)."""
+    :func:`check_datasets`."""
     check_datasets(f, meta, path)
-    check_runnable(meta, path)
 
 
 class ModelReader:
@@ -256,15 +245,17 @@ class ModelReader:
             raise MoempiError(f"{self.path}: /{name}{where} contains NaN or Inf")
         return data
 
-    def expert(self, layer: int, e: int, cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """One expert's ``w_in[:, cols]`` `[H, F']` and ``w_out[cols, :]`` `[F', H]`, float32:
-        the whole expert, or (tensor parallelism) one shard of its hidden dimension F, read
-        alone."""
+    def expert(self, layer: int, e: int, cols: slice = slice(None),
+               gated: bool = False) -> tuple:
+        """One expert's ``w_in[:, cols]`` `[H, F']` and ``w_out[cols, :]`` `[F', H]` (and, when
+        ``gated``, ``w_gate[:, cols]`` `[H, F']` third), float32: the whole expert, or (tensor
+        parallelism) one shard of its hidden dimension F, read alone."""
         base = f"layers/{layer:03d}/experts"
+        names = ("w_in", "w_out", "w_gate") if gated else ("w_in", "w_out")
         if cols == slice(None):
-            return self.read(f"{base}/w_in", e), self.read(f"{base}/w_out", e)
-        return (self.read(f"{base}/w_in", (e, slice(None), cols)),
-                self.read(f"{base}/w_out", (e, cols)))
+            return tuple(self.read(f"{base}/{n}", e) for n in names)
+        return tuple(self.read(f"{base}/{n}", (e, cols) if n == "w_out" else
+                               (e, slice(None), cols)) for n in names)
 
     def layer(self, meta: ModelMeta, l: int) -> dict:
         """Layer ``l``'s arrays as :func:`moempi.model.forward.forward` takes them, float32;

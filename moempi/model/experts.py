@@ -60,13 +60,22 @@ def mlp(h, w_in, w_out, activation: str, out=None):
     return _matmul(ACTIVATIONS[activation](_matmul(h, w_in)), w_out, out)
 
 
-def gated_mlp(h, w_gate, w_in, w_out, activation: str):
+def gated_mlp(h, w_gate, w_in, w_out, activation: str, out=None):
     """``(act(h @ w_gate) * (h @ w_in)) @ w_out`` (SwiGLU with silu): h `[N, H]` float32,
     w_gate and w_in (the "up" matrix) `[H, F]`, w_out (the "down" matrix) `[F, H]` ->
-    `[N, H]` float32.  transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
+    `[N, H]` float32, written into ``out`` when given.  transformers'
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
     a = ACTIVATIONS[activation](_matmul(h, w_gate))
     a *= _matmul(h, w_in)
-    return _matmul(a, w_out)
+    return _matmul(a, w_out, out)
+
+
+def expert_mlp(h, weights: tuple, activation: str, out=None):
+    """An expert's MLP from its weight tuple: ``(w_in, w_out)`` plain, ``(w_in, w_out,
+    w_gate)`` gated (:class:`moempi.model.stack.MoeLayer`); into ``out`` when given."""
+    if len(weights) == 3:
+        return gated_mlp(h, weights[2], weights[0], weights[1], activation, out)
+    return mlp(h, weights[0], weights[1], activation, out)
 
 
 def ffn(h, w: dict, kind: str, activation: str):
@@ -75,6 +84,14 @@ def ffn(h, w: dict, kind: str, activation: str):
     if kind == "gated":
         return gated_mlp(h, w["w_gate"], w["w_in"], w["w_out"], activation)
     return mlp(h, w["w_in"], w["w_out"], activation)
+
+
+def gated_mlp_bf16(h, w_gate, w_in, w_out, gate_product):
+    """The gated MLP on BF16 rows as a GPU runs it: h `[N, H]` BF16, the weights BF16 ->
+    `[N, H]` BF16.  Each GEMM accumulates in float32 and writes BF16; ``gate_product(g, u)``
+    is the fused elementwise ``act(g) * u`` (widened, computed in float32, rounded to BF16)
+    into ``g``, in place on the `[N, F]` intermediates."""
+    return gate_product(h @ w_gate, h @ w_in) @ w_out
 
 
 def mlp_bf16(h, w_in, w_out, activate):

@@ -29,7 +29,7 @@ import numpy as np
 
 from moempi.errors import MoempiError
 from moempi.model.arrays import BF16, decode_bf16, encode_bf16, round_bf16, weighted_rows
-from moempi.model.experts import ACTIVATIONS, mlp, mlp_bf16
+from moempi.model.experts import ACTIVATIONS, expert_mlp, gated_mlp_bf16, mlp_bf16
 from moempi.runtime import cupy_standin
 
 
@@ -47,6 +47,29 @@ _ACTIVATION_EXPR = {
     "gelu": "0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)))",
     "relu": "fmaxf(v, 0.0f)",
 }
+
+
+# The gated MLP's elementwise step as one fused kernel on BF16 bits, in place on ``g``:
+# act(widened g) * widened u in float32, rounded to nearest even (NaN kept).
+_BF16_GATE_PRODUCT = """
+float v = __uint_as_float(((unsigned int)g) << 16);
+float r = ({expr}) * __uint_as_float(((unsigned int)u) << 16);
+unsigned int b = __float_as_uint(r);
+y = ((b & 0x7fffffffu) > 0x7f800000u) ? (unsigned short)((b >> 16) | 0x40u)
+    : (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+"""
+
+
+def _gate_product_twin(name):
+    """What the fused kernel computes, on numpy: ``twin(g_bits, u_bits, out_bits)``."""
+    def twin(g, u, out):
+        a, b = np.empty(g.shape, np.float32), np.empty(u.shape, np.float32)
+        decode_bf16(np, g, a)
+        decode_bf16(np, u, b)
+        a = ACTIVATIONS[name](a)
+        a *= b
+        encode_bf16(np, a, out)
+    return twin
 
 
 def _activation_twin(name):
@@ -117,9 +140,11 @@ class HostBackend:
         """A :class:`Ready` covering all work issued so far, or None when all is done."""
         return None
 
-    def mlp(self, h, w_in, w_out, activation: str, out=None):
-        """The expert MLP, into ``out`` (a contiguous block of the output) when given."""
-        return mlp(h, w_in, w_out, activation, out)
+    def mlp(self, h, w_in, w_out, activation: str, out=None, w_gate=None):
+        """The expert MLP (gated with ``w_gate``), into ``out`` (a contiguous block of the
+        output) when given."""
+        weights = (w_in, w_out) if w_gate is None else (w_in, w_out, w_gate)
+        return expert_mlp(h, weights, activation, out)
 
     def pack(self, rows_of, idx, out, bf16: bool, scratch=None):
         """Gather ``rows_of[idx]`` into the send buffer ``out`` (BF16-rounded if asked, through
@@ -218,14 +243,37 @@ class DeviceBackend(HostBackend):
     def fence(self):
         return Ready(self.stream.record())
 
-    def mlp(self, h, w_in, w_out, activation: str, out=None):
-        """The expert MLP on the stream (``out`` is for the host's; the caller stores)."""
+    def mlp(self, h, w_in, w_out, activation: str, out=None, w_gate=None):
+        """The expert MLP (gated with ``w_gate``) on the stream (``out`` is for the host's;
+        the caller stores)."""
         self._on_stream()
         if h.dtype == BF16 and w_in.dtype == BF16:
+            if w_gate is not None:
+                return gated_mlp_bf16(h, w_gate, w_in, w_out, self._gate_product(activation))
             return mlp_bf16(h, w_in, w_out, self._activation(activation))
         if h.dtype == BF16:
             h = h.astype(np.float32)
-        return mlp(h, w_in, w_out, activation)
+        weights = (w_in, w_out) if w_gate is None else (w_in, w_out, w_gate)
+        return expert_mlp(h, weights, activation)
+
+    def _gate_product(self, name):
+        """The fused ``act(g) * u`` kernel on `[N, F]` BF16 intermediates, in place on ``g``."""
+        key = ("gated", name)
+        if key not in self._activations:
+            args = ("uint16 g, uint16 u", "uint16 y",
+                    _BF16_GATE_PRODUCT.format(expr=_ACTIVATION_EXPR[name]),
+                    f"moempi_gated_{name}_bf16")
+            if self.cp is cupy_standin:
+                kernel = cupy_standin.ElementwiseKernel(*args, twin=_gate_product_twin(name))
+            else:
+                kernel = self.cp.ElementwiseKernel(*args)
+
+            def product(g, u):
+                bits = g.view(self.cp.uint16)
+                kernel(bits, u.view(self.cp.uint16), bits)
+                return g
+            self._activations[key] = product
+        return self._activations[key]
 
     def _activation(self, name):
         """The fused BF16 activation kernel ``name``, in place on ``[N, F]`` BF16 rows."""

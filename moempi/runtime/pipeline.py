@@ -29,7 +29,7 @@ from mpi4py import MPI
 
 from moempi.model.balance import apply_capacity, capacity, topk_weights_for
 from moempi.model.experts import rmsnorm
-from moempi.model.gating import gate_probs, route
+from moempi.model.gating import gate_probs, route, router
 from moempi.model.stack import DenseLayer, Weights
 from moempi.place.placement import Placement, assign_replicas
 from moempi.runtime.nodes import NodeExchanger
@@ -191,7 +191,8 @@ class MicroBatch:
             start = self._clock = time.perf_counter()
             h = rmsnorm(x, layer.norm, meta.norm_eps)
             if isinstance(layer, DenseLayer):
-                x += ctx.backend.mlp(h, layer.w_in, layer.w_out, meta.activation)
+                x += ctx.backend.mlp(h, layer.w_in, layer.w_out, meta.activation,
+                                     w_gate=layer.w_gate)
                 self._compute(l, start, "expert")
                 self._done(l)
                 continue
@@ -215,11 +216,15 @@ class MicroBatch:
             topk_idx, topk_weights, dest_rank, self.ctx.tp, self.xp)
         plan = yield from self._exchange("dispatch", ex.plan(pair_idx, pair_dest,
                                                              sorted(layer.experts)))
-        recv = yield from self._exchange("dispatch", ex.dispatch(plan, h))
+        shared = []            # the shared expert's output, computed while the dispatch flies
+        recv = yield from self._exchange("dispatch", ex.dispatch(plan, h),
+                                         lambda: shared.append(self._shared_expert(layer, h)))
         y = self._experts(layer, plan, recv, ex)
         back = yield from self._exchange("combine", ex.combine(plan, y))
         t = time.perf_counter()
         ex.add_weighted(x, back, plan, pair_weights)
+        if shared[0] is not None:
+            x += shared[0]
         self._compute(layer.index, t)
         return plan.send_counts, plan.num_recv, (plan.send_counts, plan.recv_counts)
 
@@ -230,7 +235,9 @@ class MicroBatch:
         nx = self.exchanger
         nodes, relays = nx.to_nodes(dest_rank)
         plan1 = yield from self._exchange("dispatch", nx.inter.plan(nodes, relays, [nx.node]))
-        rows = yield from self._exchange("dispatch", nx.inter.dispatch(plan1, h))
+        shared = []            # the shared expert's output, computed while the dispatch flies
+        rows = yield from self._exchange("dispatch", nx.inter.dispatch(plan1, h),
+                                         lambda: shared.append(self._shared_expert(layer, h)))
         routing = nx.routing(topk_idx, self.ctx.backend.to_host(topk_weights), dest_rank)
         meta = yield from self._exchange("dispatch", nx.meta.dispatch(plan1, routing))
         idx2, dest2, w2 = nx.on_this_node(meta)
@@ -246,6 +253,8 @@ class MicroBatch:
         back = yield from self._exchange("combine", nx.inter.combine(plan1, summed))
         t = time.perf_counter()
         nx.inter.add_weighted(x, back, plan1, np.ones(nodes.shape, np.float32))
+        if shared[0] is not None:
+            x += shared[0]
         self._compute(layer.index, t)
         traffic = plan1.send_counts + nx.world_ranks(plan2.send_counts)
         return traffic, plan2.num_recv, (plan1.send_counts, plan1.recv_counts)
@@ -262,9 +271,13 @@ class MicroBatch:
         """
         ctx, meta, backend = self.ctx, self.ctx.weights.meta, self.ctx.backend
         m = layer.index - meta.num_dense_layers
-        probs = gate_probs(h, layer.gate)
+        # the selection bias: the balancer's, which starts at the checkpoint's correction bias
         bias = backend.to_device(ctx.bias[m]) if ctx.bias[m].any() else None
-        topk_idx, topk_weights = route(probs, meta.top_k, bias, meta.norm_topk_prob)
+        if meta.router == "softmax" and meta.routed_scaling_factor == 1.0:
+            probs = gate_probs(h, layer.gate)            # (kept for capacity)
+            topk_idx, topk_weights = route(probs, meta.top_k, bias, meta.norm_topk_prob)
+        else:            # DeepSeek-V3's grouped sigmoid, or a scaled softmax (no capacity)
+            topk_idx, topk_weights = router(h, layer.gate, meta, bias)
         topk_idx = backend.to_host(topk_idx)            # the plan is built on the host
         if ctx.capacity_factor > 0:
             probs = backend.to_host(probs)
@@ -293,21 +306,59 @@ class MicroBatch:
         if self.ctx.on_layer_done is not None:
             self.ctx.on_layer_done(self.key[1], layer)
 
-    def _exchange(self, name: str, step):
-        """Run an exchange step; the time from posting to completion counts as ``name``."""
+    def _exchange(self, name: str, step, while_in_flight=None):
+        """Run an exchange step; the time from posting to completion counts as ``name``.
+
+        ``while_in_flight``: local work (the shared expert) run once the step has posted its
+        first request, before waiting on it; after the step when it never waits (blocking)."""
         tel, l = self.ctx.telemetry, self.layer
         posted = time.perf_counter()
         result = None
         try:
             while True:
                 request = self._local_step(step, result)
+                if while_in_flight is not None:
+                    while_in_flight()            # (counted as compute by itself)
+                    while_in_flight = None
                 tel.add("busy", l, time.perf_counter() - self._clock)   # busy until the yield
                 yield request
                 self._clock = time.perf_counter()
         except StopIteration as stop:
             result = stop.value
         tel.add(name, l, time.perf_counter() - posted)
+        if while_in_flight is not None:
+            while_in_flight()
         return result
+
+    def _shared_expert(self, layer, h):
+        """The shared expert on this micro-batch's own tokens ``h`` `[n, H]` (no exchange),
+        times ``sigmoid(h @ shared_gate)`` where the model has that gate; None without one.
+
+        Run while the dispatch is in flight: on the CPU in pieces of ``chunk_rows`` rows
+        with MPI progress between them, as the experts (so the same bits whatever the
+        timing); on a GPU enqueued on the stream while MPI moves the rows.
+        """
+        if layer.shared is None:
+            return None
+        meta, backend, xp = self.ctx.weights.meta, self.ctx.backend, self.xp
+        scheduler, chunk = self.ctx.scheduler, self.ctx.chunk_rows
+        start = time.perf_counter()
+        ws = layer.shared
+        gate = ws[2] if len(ws) == 3 else None
+        y = xp.empty(h.shape, dtype=xp.float32)
+        done = 0
+        while done < len(h):
+            take = piece_rows(len(h) - done, chunk, scheduler.poll)
+            part = slice(done, done + take)
+            out = y[part] if not backend.gpu else None
+            result = backend.mlp(h[part], ws[0], ws[1], meta.activation, out, w_gate=gate)
+            if result is not out:
+                y[part] = result
+            done += take
+        if layer.shared_gate is not None:
+            y *= 1.0 / (1.0 + xp.exp(-(h @ layer.shared_gate)))        # [n, 1]
+        self._compute(layer.index, start, "expert")
+        return y
 
     def _local_step(self, step, value):
         """Advance an exchange step; its local work (packing, not MPI calls) counts as compute."""
@@ -337,7 +388,8 @@ class MicroBatch:
         if y is None:                   # float32, or BF16 rows for the wire (GPU, bf16)
             y = self.xp.empty(recv.shape, dtype=recv.dtype)
         for e, rows in plan.expert_slices():
-            w_in, w_out = layer.experts[e]
+            ws = layer.experts[e]
+            w_in, w_out, w_gate = ws[0], ws[1], (ws[2] if len(ws) == 3 else None)
             if not isinstance(rows, slice):
                 rows = backend.index(rows)      # one host->device copy per expert, not per chunk
             first, n = (rows.start, rows.stop - rows.start) if isinstance(rows, slice) \
@@ -350,7 +402,8 @@ class MicroBatch:
                     out = y[part] if not backend.gpu else None
                 else:
                     part, out = rows[done:done + take], None
-                result = backend.mlp(recv[part], w_in, w_out, meta.activation, out)
+                result = backend.mlp(recv[part], w_in, w_out, meta.activation, out,
+                                     w_gate=w_gate)
                 if result is not out:
                     y[part] = result
                 done += take

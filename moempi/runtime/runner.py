@@ -57,6 +57,12 @@ def prepare(cfg: Config, ep: int, tp: int = 1) -> Setup:
     if meta.moe_ffn_size % tp:
         raise MoempiError(f"parallel.tp = {tp} does not divide the expert hidden size "
                           f"{meta.moe_ffn_size} of {run.model}")
+    if cfg.balance.capacity_factor > 0 and (meta.router != "softmax" or
+                                            meta.routed_scaling_factor != 1.0):
+        raise MoempiError(f"balance.capacity_factor > 0: capacity is implemented for the "
+                          f"unscaled softmax router only, and {run.model} routes by "
+                          f"{meta.router}" + (f" scaled by {meta.routed_scaling_factor}"
+                                              if meta.routed_scaling_factor != 1.0 else ""))
     num_tokens, hidden = hdf5.tokens_shape(run.tokens)
     if num_tokens == 0:
         raise MoempiError(f"{run.tokens}: /tokens has no rows: nothing to run")
@@ -221,6 +227,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     moe_layers = list(meta.moe_layers)
     tel = Telemetry(meta.num_layers, len(moe_layers), comm.size, meta.num_experts)
     balancer = BiasBalancer(cfg.balance, len(moe_layers), meta.num_experts)
+    for m, layer in enumerate(l for l in weights.layers if l.index in moe_layers):
+        if layer.score_bias is not None:     # DeepSeek-V3: the balancer starts from it
+            balancer.bias[m] = layer.score_bias
     gpus_per_node = placement.gpus_per_node or parallel.node_ranks(world)
     if cfg.pipeline.dispatch == "node":
         parallel.root_call(world, check_node_dispatch, layout, backend, gpus_per_node)

@@ -23,7 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from moempi.errors import MoempiError
-from moempi.io.hdf5 import ModelReader
+from moempi.io.hdf5 import SCORE_BIAS, ModelReader
 from moempi.model.shapes import ModelMeta
 from moempi.model.stack import DenseLayer, MoeLayer, Weights
 from moempi.place.placement import Placement
@@ -37,17 +37,32 @@ def checksum(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
 
 
+def expert_matrices(meta: ModelMeta) -> tuple[str, ...]:
+    """An expert's matrices in the order of its weight tuple (:class:`MoeLayer`)."""
+    return ("w_in", "w_out", "w_gate") if meta.expert_kind == "gated" else ("w_in", "w_out")
+
+
 def _shared_names(meta: ModelMeta) -> list[tuple[str, tuple]]:
-    """Every array all ranks need, in reading order, with its shape."""
-    H, E, Fd = meta.hidden_size, meta.num_experts, meta.dense_ffn_size
+    """Every array all ranks need, in reading order, with its shape: norms, gates, dense
+    MLPs, and each MoE layer's shared expert, its gate and the correction bias."""
+    H, E, Fd, Fs = meta.hidden_size, meta.num_experts, meta.dense_ffn_size, meta.shared_ffn_size
     names = []
     for l in range(meta.num_layers):
         g = f"layers/{l:03d}"
         names.append((f"{g}/norm", (H,)))
         if meta.is_moe(l):
             names.append((f"{g}/gate", (H, E)))
+            if Fs:
+                names += [(f"{g}/shared/{n}", (Fs, H) if n == "w_out" else (H, Fs))
+                          for n in expert_matrices(meta)]
+            if meta.shared_expert_gate:
+                names.append((f"{g}/shared_gate", (H, 1)))
+            if meta.has_score_bias:
+                names.append((f"{g}/{SCORE_BIAS}", (E,)))
         else:
             names += [(f"{g}/mlp/w_in", (H, Fd)), (f"{g}/mlp/w_out", (Fd, H))]
+            if meta.dense_kind == "gated":
+                names.append((f"{g}/mlp/w_gate", (H, Fd)))
     if meta.has_final_norm:
         names.append(("final_norm", (H,)))
     return names
@@ -60,12 +75,21 @@ def _assemble(meta, shared: dict, experts: dict, to_device, expert_to_device) ->
         norm = to_device(shared[f"{g}/norm"])
         if meta.is_moe(l):
             layer = MoeLayer(l, norm, to_device(shared[f"{g}/gate"]))
-            for (ll, e), pair in sorted(experts.items()):
+            for (ll, e), ws in sorted(experts.items()):
                 if ll == l:
-                    layer.experts[e] = tuple(expert_to_device(w) for w in pair)
+                    layer.experts[e] = tuple(expert_to_device(w) for w in ws)
+            if meta.shared_ffn_size:     # computed like an expert, on every rank
+                layer.shared = tuple(expert_to_device(shared[f"{g}/shared/{n}"])
+                                     for n in expert_matrices(meta))
+            if meta.shared_expert_gate:
+                layer.shared_gate = to_device(shared[f"{g}/shared_gate"])
+            if meta.has_score_bias:
+                layer.score_bias = shared[f"{g}/{SCORE_BIAS}"]
         else:
+            w_gate = shared.get(f"{g}/mlp/w_gate")
             layer = DenseLayer(l, norm, to_device(shared[f"{g}/mlp/w_in"]),
-                               to_device(shared[f"{g}/mlp/w_out"]))
+                               to_device(shared[f"{g}/mlp/w_out"]),
+                               None if w_gate is None else to_device(w_gate))
         layers.append(layer)
     final = to_device(shared["final_norm"]) if meta.has_final_norm else None
     return Weights(meta, layers, final)
@@ -77,9 +101,11 @@ def _sums(shared: dict, experts: dict, tp: int = 1, tp_rank: int = 0) -> dict:
     t = time.perf_counter()
     part = f" shard {tp_rank} of {tp}" if tp > 1 else ""
     sums = {name: checksum(a) for name, a in shared.items()}
-    sums.update({f"layers/{l:03d}/experts[{e}]{part}": zlib.crc32(
-        np.ascontiguousarray(w_out).view(np.uint8), checksum(w_in))
-        for (l, e), (w_in, w_out) in experts.items()})
+    for (l, e), ws in experts.items():
+        crc = 0
+        for w in ws:
+            crc = zlib.crc32(np.ascontiguousarray(w).view(np.uint8), crc)
+        sums[f"layers/{l:03d}/experts[{e}]{part}"] = crc
     return {"arrays": sums, "seconds": time.perf_counter() - t}
 
 
@@ -100,7 +126,8 @@ def load_weights(path: str, meta: ModelMeta, placement: Placement, ep_rank: int,
     with ModelReader(path) as reader:
         shared = {name: reader.read(name) for name, _ in _shared_names(meta)}
         cols = shard(meta, tp, tp_rank) if tp > 1 else slice(None)
-        experts = {(l, e): reader.expert(l, e, cols) for l in meta.moe_layers
+        gated = meta.expert_kind == "gated"
+        experts = {(l, e): reader.expert(l, e, cols, gated) for l in meta.moe_layers
                    for e in placement.experts_on(l, ep_rank)}
     table = _sums(shared, experts, tp, tp_rank) if sums else {}
     return _assemble(meta, shared, experts, to_device, expert_to_device), table
@@ -116,6 +143,7 @@ def load_weights_from_root(world: MPI.Comm, path: str, meta: ModelMeta, placemen
     comm = world.Dup()
     expert_to_device = expert_to_device or to_device
     H, F = meta.hidden_size, meta.moe_ffn_size // tp
+    matrices = expert_matrices(meta)
     replicas = world.size // (ep * tp)
     try:
         reader, error = None, None
@@ -141,7 +169,7 @@ def load_weights_from_root(world: MPI.Comm, path: str, meta: ModelMeta, placemen
         # the expert matrices, in (layer, expert, w_in/w_out) order to every rank hosting them
         slot = (world.rank // tp) % ep
         wanted = [(l, e, which) for l in meta.moe_layers
-                  for e in placement.experts_on(l, slot) for which in (0, 1)]
+                  for e in placement.experts_on(l, slot) for which in range(len(matrices))]
         experts: dict = {}
         if world.rank == 0:
             error = _send_experts(comm, reader, meta, placement, ep, tp, replicas, experts,
@@ -149,11 +177,11 @@ def load_weights_from_root(world: MPI.Comm, path: str, meta: ModelMeta, placemen
         else:
             status = MPI.Status()
             for l, e, which in wanted:
-                a = np.empty((H, F) if which == 0 else (F, H), np.float32)
+                a = np.empty((F, H) if matrices[which] == "w_out" else (H, F), np.float32)
                 comm.Recv(a, source=0, tag=_SLAB, status=status)
                 if status.Get_count(MPI.BYTE) != a.nbytes:        # rank 0 could not read
                     break
-                experts.setdefault((l, e), [None, None])[which] = a
+                experts.setdefault((l, e), [None] * len(matrices))[which] = a
         error = comm.bcast(error, root=0)
         if error is not None:
             raise MoempiError(error)
@@ -170,8 +198,9 @@ def _send_experts(comm, reader, meta, placement, ep, tp, replicas, own: dict, wi
     """Rank 0's side: read each hosted expert matrix once, send each host its shard with at
     most ``window`` matrices in flight; returns the read error (the others are told to stop)."""
     in_flight: deque = deque()           # (requests, matrix) of the matrices being sent
-    pending = {r: sum(2 * len(placement.experts_on(l, (r // tp) % ep)) for l in meta.moe_layers)
-               for r in range(1, comm.size)}
+    matrices = expert_matrices(meta)
+    pending = {r: sum(len(matrices) * len(placement.experts_on(l, (r // tp) % ep))
+                      for l in meta.moe_layers) for r in range(1, comm.size)}
     try:
         for l in meta.moe_layers:
             hosts = {e: [(d * ep + r) * tp + j for d in range(replicas) for r in range(ep)
@@ -180,15 +209,15 @@ def _send_experts(comm, reader, meta, placement, ep, tp, replicas, own: dict, wi
             for e, ranks in hosts.items():
                 if not ranks:
                     continue
-                for which, name in enumerate(("w_in", "w_out")):
+                for which, name in enumerate(matrices):
                     a = np.ascontiguousarray(
                         reader.read(f"layers/{l:03d}/experts/{name}", e), dtype=np.float32)
                     requests, kept = [], []      # the shards stay alive until sent
                     for r in ranks:
                         cols = shard(meta, tp, r % tp) if tp > 1 else slice(None)
-                        part = np.ascontiguousarray(a[:, cols] if which == 0 else a[cols])
+                        part = np.ascontiguousarray(a[cols] if name == "w_out" else a[:, cols])
                         if r == 0:
-                            own.setdefault((l, e), [None, None])[which] = part
+                            own.setdefault((l, e), [None] * len(matrices))[which] = part
                         else:
                             requests.append(comm.Isend(part, dest=r, tag=_SLAB))
                             kept.append(part)
