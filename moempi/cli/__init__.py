@@ -75,6 +75,8 @@ def main():
 @click.option("--ffn", type=int, help="Expert MLP hidden size F.")
 @click.option("--dense-ffn", type=int, help="Dense MLP hidden size Fd.")
 @click.option("--top-k", type=int, help="Experts per token.")
+@click.option("--shared-ffn", type=int, help="Hidden size of the shared expert (0: none); "
+              "with a preset that has one, it follows --ffn unless given.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), help="Expert activation.")
 @click.option("--dtype", type=click.Choice(WEIGHT_DTYPES), help="Weight storage dtype "
               "(bfloat16 is stored as uint16 with encoding=\"bfloat16\").")
@@ -82,7 +84,7 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ffn, top_k,
-               activation, dtype, no_final_norm, seed, overwrite):
+               shared_ffn, activation, dtype, no_final_norm, seed, overwrite):
     """Write a random model checkpoint OUT (HDF5, docs/design.md §2.1), one expert slab at a time."""
     from moempi.io.files import check_free_space
     from moempi.io.hdf5 import model_shapes, write_model
@@ -90,9 +92,13 @@ def init_model(out, preset, experts, layers, dense_layers, hidden, ffn, dense_ff
     changes = {k: v for k, v in dict(num_experts=experts, num_layers=layers,
                                       num_dense_layers=dense_layers, hidden_size=hidden,
                                       moe_ffn_size=ffn, dense_ffn_size=dense_ffn, top_k=top_k,
-                                      activation=activation, weight_dtype=dtype).items()
+                                      activation=activation, weight_dtype=dtype,
+                                      shared_ffn_size=shared_ffn).items()
                if v is not None}
     base = PRESETS[preset]
+    if shared_ffn is None and ffn is not None and base.shared_ffn_size:
+        # DeepSeek-V3's shared expert is n_shared_experts x the expert width: keep the ratio
+        changes["shared_ffn_size"] = ffn * base.shared_ffn_size // base.moe_ffn_size
     if layers is not None and dense_layers is None:
         # `--preset deepseek-v3-full --layers 2`: the preset's dense layers, as many as fit
         changes["num_dense_layers"] = min(base.num_dense_layers, layers)

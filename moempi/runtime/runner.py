@@ -243,8 +243,11 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     chunking = {"chunk": 0, "quantum": 0, "rates": {}, "seconds": 0.0}
 
     def measure_chunk():
-        """Measured once, before the first pass with more than one micro-batch: at H 7168
-        the GEMM timings take seconds, which a job that keeps 1 never pays."""
+        """Measured once, before the first pass with more than one micro-batch (or, with a
+        shared expert, at start-up): at H 7168 the GEMM timings take seconds, which a job
+        that keeps 1 never pays."""
+        if chunking["seconds"]:
+            return
         t = time.perf_counter()
         chunk, quantum, rates = tune.chunk_rows(meta, world, cfg.pipeline.chunk_rows, repeats=1)
         chunking.update(chunk=chunk, quantum=quantum, rates=rates,
@@ -254,11 +257,13 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
             say(world, "expert GEMMs are not cut into chunks: no chunk size of this BLAS "
                        "reproduces the whole GEMM bit for bit on these shapes")
 
-    measures_chunk = not backend.gpu and cfg.pipeline.overlap and counts != [1]
+    # a shared expert is computed in chunks while the dispatch is in flight, at any count
+    shared = meta.shared_ffn_size > 0 and len(moe_layers) > 0
+    measures_chunk = not backend.gpu and cfg.pipeline.overlap and (counts != [1] or shared)
     ctx = Context(weights, placement, layout.ep_rank, layout.rank_offset, balancer.bias,
                   tel, WatchedScheduler(tel), backend, None, cfg.balance.capacity_factor,
                   cfg.balance.overflow == "reroute", tp=layout.tp)
-    if measures_chunk and len(counts) == 1:      # a given count > 1: cut from the start
+    if measures_chunk and (len(counts) == 1 or shared):   # cut from the start
         measure_chunk()
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
