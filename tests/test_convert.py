@@ -298,7 +298,12 @@ def test_init_model_full_preset(tmp_path):
     meta = read_model_meta(str(path))
     assert (meta.num_dense_layers, meta.top_k, meta.n_group, meta.topk_group) == (3, 8, 8, 4)
     assert meta.expert_kind == meta.dense_kind == "gated" and meta.router == "sigmoid"
-    assert meta.shared_ffn_size == 2048 and meta.has_score_bias and meta.routed_scaling_factor == 2.5
+    # the shared expert follows --ffn (DeepSeek-V3's is one expert wide) unless given
+    assert meta.shared_ffn_size == 8 and meta.has_score_bias and meta.routed_scaling_factor == 2.5
+    other = tmp_path / "ds2.h5"
+    moempi("init-model", other, "--preset", "deepseek-v3-full", "--layers", "4", "--hidden", "32",
+           "--ffn", "8", "--shared-ffn", "0", "--experts", "16", "--dtype", "float32")
+    assert read_model_meta(str(other)).shared_ffn_size == 0
     with h5py.File(path, "r") as f:
         hdf5.check_datasets(f, meta, str(path))
     x = np.random.default_rng(2).standard_normal((50, 32)).astype(np.float32)
