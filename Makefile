@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/moempi bench place --quick | tee -a work/bench.txt
 	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 16 $(BIN)/moempi bench node | tee -a work/bench.txt
 	MPIEXEC_TIMEOUT=600 $(MPIEXEC) -n 4 $(BIN)/moempi bench tp | tee -a work/bench.txt
+	MPIEXEC_TIMEOUT=600 $(NO_THROTTLE) $(MPIEXEC) -n 2 $(BIN)/moempi bench full | tee -a work/bench.txt
 	MPIEXEC_TIMEOUT=600 MPIEXEC=$(MPIEXEC) $(NO_THROTTLE) $(BIN)/moempi bench job | tee -a work/bench.txt
 
 # The GPU checks, on a machine with a GPU, in one bounded run of about 6 minutes

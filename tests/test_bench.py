@@ -136,3 +136,21 @@ def test_bench_calibrate_writes_what_plan_takes(tmp_path):
     assert "forward" in proc.stdout
     missing = mpirun(2, "bench", "calibrate", check=False, timeout=60)
     assert missing.returncode != 0 and "give --calibration FILE" in missing.stderr
+
+
+def test_bench_full_quick():
+    """One layer of the full DeepSeek-V3 preset's kind (gated experts packed, top-8 in groups,
+    shared expert) through the real code path, against its floor; its parts fit its time."""
+    out = mpirun(2, "bench", "full", "--quick", timeout=300).stdout
+    m = re.search(r"16 of its 256 experts packed 8 per rank, top-8 in 4 of 8 groups, shared "
+                  r"expert of \d+, 64 tokens/rank, 2 ranks, fp32\): ([0-9.]+) ms vs its "
+                  r"plain-GEMM floor ([0-9.]+) ms -> ([0-9.]+)", out)
+    assert m, out
+    layer, floor, ratio = map(float, m.groups())
+    assert 0 < floor and abs(layer / floor - ratio) < 0.01 + 0.1 / floor
+    parts = re.search(r"\((\d+) routed rows \+ 64 shared\): expert ([0-9.]+) ms .* gate "
+                      r"([0-9.]+) ms, exchange local work ([0-9.-]+) ms, waiting on exchanges "
+                      r"([0-9.]+) ms", out)
+    rows, *pieces = parts.groups()
+    assert int(rows) >= 64 * 8 * 2 // 2 * 0.5       # about tokens x top-8 per rank
+    assert sum(map(float, pieces)) <= layer * 1.05 + 0.5

@@ -320,7 +320,7 @@ def inspect(output, plot_dir):
 @cli.command("bench")
 @click.argument("what", type=click.Choice(["all", "expert", "exchange", "overlap", "micro",
                                            "tp", "node", "calibrate", "place", "gpu",
-                                           "balance", "job", "floor"]),
+                                           "balance", "job", "floor", "full"]),
                 default="all")
 @click.option("--backend", type=click.Choice(["cupy", "standin"]), default="cupy",
               show_default=True, help="For `gpu`: the GPU backend (standin: CuPy code on numpy).")
@@ -368,6 +368,10 @@ def bench(what, tokens, layers, micro_batches, calibration, add, quick, backend,
                F 256, with where the time went, and the automatic micro-batch count's job
                against the same job at fixed counts (models kept in work/bench-job)
     floor      (used by `job`, under mpiexec) the plain-GEMM floor of --output-file's layers
+    full       one MoE layer of DeepSeek-V3's real shapes (--preset deepseek-v3-full: gated
+               experts, top-8 in 4 of 8 groups, shared expert) at 2 ranks, 16 of its 256
+               experts packed 8 per rank (all 256 do not fit this machine), against its
+               plain-GEMM floor
     """
     if what == "job":              # no MPI here: it launches its own jobs
         try:
@@ -412,6 +416,11 @@ def _bench(world, what, tokens, layers, micro_batches, calibration, add, quick, 
 
     if what == "balance":
         b.bench_balance(world, echo, quick)
+        return
+    if what == "full":
+        from moempi.measure.fullbench import bench_full
+        b.use_compiled(world, echo)
+        bench_full(world, echo, tokens=64 if quick else tokens, quick=quick)
         return
     if what == "node":
         b.bench_node_dispatch(world, echo, gpus_per_node=4 if quick else 8, tokens=tokens // 4)

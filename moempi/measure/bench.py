@@ -95,12 +95,13 @@ def synthetic(comm: MPI.Comm, shape: Shape, seed: int = 0):
 
 def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
             precision: str = "fp32", chunk_rows: int = 0, replay: bool = True,
-            gpus_per_node: int = 0) -> tuple[float, Telemetry, float]:
+            gpus_per_node: int = 0, bias=None) -> tuple[float, Telemetry, float]:
     """One timed pass through ``run_batch``; returns (seconds, telemetry, pure exchange s;
-    0 without ``replay``).  ``gpus_per_node`` > 0: the node-deduplicated dispatch."""
+    0 without ``replay``).  ``gpus_per_node`` > 0: the node-deduplicated dispatch.
+    ``bias``: `[L_moe, E]` selection bias (default 0)."""
     meta = weights.meta
     moe = len(meta.moe_layers)
-    ctx = _context(comm, weights, placement, chunk_rows)
+    ctx = _context(comm, weights, placement, chunk_rows, bias)
     tel = ctx.telemetry
     if gpus_per_node:
         exchangers = [NodeExchanger(comm, gpus_per_node, meta.hidden_size, meta.num_experts,
@@ -122,11 +123,13 @@ def forward(comm, weights, placement, x, micro_batches: int, overlap: bool,
     return comm.allreduce(elapsed, op=MPI.MAX), tel, comm.allreduce(pure, op=MPI.MAX)
 
 
-def _context(comm, weights, placement, chunk_rows: int = 0) -> Context:
-    """A fresh context for one pass of the synthetic stack on the host (no balancing bias)."""
+def _context(comm, weights, placement, chunk_rows: int = 0, bias=None) -> Context:
+    """A fresh context for one pass of the synthetic stack on the host (no balancing bias
+    unless ``bias`` `[L_moe, E]`)."""
     meta = weights.meta
     tel = Telemetry(meta.num_layers, len(meta.moe_layers), comm.size, meta.num_experts)
-    bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
+    if bias is None:
+        bias = np.zeros((meta.num_layers, meta.num_experts), np.float32)
     return Context(weights, placement, comm.rank, 0, bias, tel, Scheduler(tel), HOST,
                    chunk_rows=chunk_rows)
 
