@@ -95,6 +95,19 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:9.3f}"
 
 
+def model_line(meta: ModelMeta, name: str) -> str:
+    """One line naming the model's shape: what the time and memory model count."""
+    gated = lambda kind: " gated" if kind == "gated" else ""   # noqa: E731
+    shared = (f", 1 shared{gated(meta.expert_kind)} expert of {meta.shared_ffn_size}"
+              if meta.shared_ffn_size else "")
+    groups = (f" in {meta.topk_group} of {meta.n_group} groups" if meta.n_group > 1 else "")
+    return (f"model     {name}: {meta.num_layers} layers ({meta.num_dense_layers}{gated(meta.dense_kind)}"
+            f" dense + {len(meta.moe_layers)} MoE), H {meta.hidden_size}, F {meta.moe_ffn_size}, "
+            f"Fd {meta.dense_ffn_size}, {meta.num_experts}{gated(meta.expert_kind)} experts, "
+            f"top-{meta.top_k}{groups}{shared}, {meta.weight_dtype}; "
+            f"{meta.expert_bytes / 1e6:.2f} MB per expert")
+
+
 def describe(meta: ModelMeta, name: str, fc: Forecast) -> str:
     """The terminal report of one forecast."""
     lo, hw = fc.layout, fc.hardware
@@ -103,10 +116,7 @@ def describe(meta: ModelMeta, name: str, fc: Forecast) -> str:
              f"intra {hw.intra_Bps / 1e9:.0f} GB/s per GPU, inter {hw.inter_Bps / 1e9:.0f} GB/s "
              f"per {hw.link} link")
     lines = [
-        f"model     {name}: {meta.num_layers} layers ({meta.num_dense_layers} dense + "
-        f"{len(meta.moe_layers)} MoE), H {meta.hidden_size}, F {meta.moe_ffn_size}, "
-        f"Fd {meta.dense_ffn_size}, {meta.num_experts} experts, top-{meta.top_k}, "
-        f"{meta.weight_dtype}; {meta.expert_bytes / 1e6:.2f} MB per expert",
+        model_line(meta, name),
         f"layout    ep {lo.ep} x tp {lo.tp} x dp {lo.dp} = {lo.num_gpus} GPUs "
         f"({fc.nodes} node(s) of {hw.gpus_per_node} per EP group), {lo.tokens_per_gpu} tokens "
         f"per GPU, {lo.precision} on the wire",
@@ -137,7 +147,7 @@ def describe(meta: ModelMeta, name: str, fc: Forecast) -> str:
                          f"{_ms(l.overlapped_s):>12}{l.micro_batches:>4}{l.skew:6.2f}"
                          f"{'yes' if l.hidden else 'no':>7}")
     mem = fc.memory
-    parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in mem.items() if k != "total")
+    parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in mem.items() if k != "total" and v)
     fit = ("fits" if fc.fits else
            f"does NOT fit: smallest fitting tp = {fc.fitting_tp}" if fc.fitting_tp else
            "does NOT fit at any tp")
@@ -148,8 +158,13 @@ def describe(meta: ModelMeta, name: str, fc: Forecast) -> str:
         f"(blocking {fc.blocking_forward_s * 1e3:.1f} ms); {fc.tokens_per_s_per_gpu:,.0f} tokens/s "
         f"per GPU, {fc.tokens_per_s:,.0f} tokens/s for {lo.num_gpus} GPUs",
         f"memory    {mem['total'] / 1e9:.2f} GB per GPU of {hw.memory_bytes / 1e9:.2f} GB ({fit}); "
-        f"GB: {parts}; {experts_per_gpu(meta.num_experts, lo.ep)} expert(s) per layer per slot",
+        f"GB: {parts}; {experts_per_gpu(meta.num_experts, lo.ep)} expert(s) per layer per slot"
+        + (f" ({lo.ep // meta.num_experts} replica(s) of each expert)"
+           if lo.ep >= 2 * meta.num_experts else ""),
     ]
+    if moe and moe[0].shared_s:
+        lines.append(f"shared    {moe[0].shared_s * 1e3:.3f} ms per MoE layer on every GPU (in "
+                     "compute), each micro-batch's share while its dispatch is in flight")
     if moe:
         how = "auto: minimises the MoE layer time" if lo.micro_batches == 0 else "given"
         lines.append(f"micro-batches {moe[0].micro_batches} ({how})")
@@ -261,6 +276,7 @@ No MPI is needed.  Formulas and their sources: docs/plan.md.
 Examples:
   moempi plan                                   # DeepSeek-V3, seed hardware, ep 256
   moempi plan --sweep ep=16,32,64,128,256,512,1024
+  moempi plan --preset deepseek-v3-full --sweep ep=16,32,64,128,256   # gated, top-8, shared
   moempi plan --ep 8 --tokens-per-gpu 8192      # does not fit: tells the TP that does
   moempi plan --hardware cal.json --ep 4 --preset small   # measured figures from moempi bench
   moempi plan --trace out.h5 --placement p.json --json plan.json

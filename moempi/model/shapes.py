@@ -14,6 +14,11 @@ MLP_KINDS = ("plain", "gated")     # act(h @ w_in) @ w_out | (act(h @ w_gate) * 
 ROUTERS = ("softmax", "sigmoid")   # Mixtral/Qwen/moempi | DeepSeek-V3 (docs/design.md §1)
 
 
+def mlp_matrices(kind: str) -> int:
+    """Matrices of an MLP of ``kind`` (MLP_KINDS): plain 2 (w_in, w_out), gated 3 (+ w_gate)."""
+    return 3 if kind == "gated" else 2
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """The shape of a MoE stack: everything but the weights."""
@@ -44,7 +49,7 @@ class ModelMeta:
     @property
     def features(self) -> list[str]:
         """What this model uses beyond moempi's original stack (plain experts, softmax
-        top-k, no shared expert, no stored bias): what `run` cannot compute yet."""
+        top-k, no shared expert, no stored bias), as `init-model` reports them."""
         found = []
         if self.expert_kind != "plain" and self.num_layers > self.num_dense_layers:
             found.append("gated experts")
@@ -77,6 +82,31 @@ class ModelMeta:
         in BF16)."""
         matrices = 3 if self.expert_kind == "gated" else 2
         return matrices * self.hidden_size * self.moe_ffn_size * self.weight_bytes
+
+    @property
+    def expert_matrices(self) -> int:
+        """Matrices of one routed (or the shared) expert: 2 plain, 3 gated."""
+        return mlp_matrices(self.expert_kind)
+
+    @property
+    def dense_matrices(self) -> int:
+        """Matrices of one dense layer's MLP: 2 plain, 3 gated."""
+        return mlp_matrices(self.dense_kind)
+
+    @property
+    def replicated_weight_bytes(self) -> int:
+        """Bytes of the weights every rank holds whatever the placement, in the stored dtype:
+        the dense MLPs, the gates ``[H, E]`` (and ``shared_gate`` ``[H, 1]``), the shared
+        experts, the norms, and the float32 ``e_score_correction_bias`` ``[E]``
+        (DeepSeek-V3 full: 7.70 GB).  ``perf.memory.memory_per_gpu`` splits the same sum
+        by component."""
+        H, n_moe, wb = self.hidden_size, len(self.moe_layers), self.weight_bytes
+        dense = self.num_dense_layers * self.dense_matrices * H * self.dense_ffn_size
+        gates = n_moe * H * (self.num_experts + int(self.shared_expert_gate))
+        shared = n_moe * self.expert_matrices * H * self.shared_ffn_size
+        norms = (self.num_layers + int(self.has_final_norm)) * H
+        bias = n_moe * self.num_experts * 4 if self.has_score_bias else 0
+        return (dense + gates + shared + norms) * wb + bias
 
     def validate(self, source: str = "model") -> "ModelMeta":
         for name in ("hidden_size", "moe_ffn_size", "num_layers", "num_experts", "top_k"):

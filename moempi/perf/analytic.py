@@ -15,19 +15,31 @@ from moempi.model.shapes import ModelMeta
 from moempi.perf.memory import experts_per_gpu, memory_per_gpu, smallest_fitting_tp
 
 # FLOPs of one (token, expert) pair in the expert MLP act(h @ Win) @ Wout: two GEMMs of
-# H x F, 2 FLOPs per multiply-add (Kaplan et al. 2020, "Scaling Laws", C_forward = 2N).
+# H x F, 2 FLOPs per multiply-add (Kaplan et al. 2020, "Scaling Laws", C_forward = 2N); a
+# gated MLP (act(h @ Wg) * (h @ Win)) @ Wout has three (the elementwise product is O(F)).
 def expert_flops_per_pair(meta: ModelMeta) -> int:
-    """FLOPs of one (token, expert) pair: ``2 * 2 * H * F`` (DeepSeek-V3: 58.7 MFLOP)."""
-    return 2 * 2 * meta.hidden_size * meta.moe_ffn_size
+    """FLOPs of one (token, expert) pair: ``2 * Me * H * F`` with Me = 2 matrices plain, 3
+    gated (DeepSeek-V3: 58.7 MFLOP plain, 88.1 MFLOP gated)."""
+    return 2 * meta.expert_matrices * meta.hidden_size * meta.moe_ffn_size
+
+
+def shared_flops_per_token(meta: ModelMeta) -> int:
+    """FLOPs of the shared expert for one token: ``2 * Me * H * Fs``, plus ``2 * H`` for
+    Qwen2-MoE's ``shared_gate`` [H, 1]; 0 without a shared expert (DeepSeek-V3: 88.1 MFLOP)."""
+    if not meta.shared_ffn_size:
+        return 0
+    return 2 * meta.hidden_size * (meta.expert_matrices * meta.shared_ffn_size
+                                   + int(meta.shared_expert_gate))
 
 
 EXCHANGE_PHASES = 3     # per micro-batch per MoE layer: counts exchange, dispatch, combine
 NODE_PHASES = 7         # node dispatch: counts, rows, routing (stage 1); counts, rows (stage 2);
                         # combine inside the node, then across (docs/design.md §3)
+COMBINE_PHASES = {EXCHANGE_PHASES: 1, NODE_PHASES: 2}   # of those, the combine's; the rest dispatch
 WIRE_BYTES = {"bf16": 2, "fp32": 4}   # docs/design.md §1: BF16 on the wire (production), fp32 (exact)
 
 # Bytes per weight element as the GEMM reads it: the numpy backend keeps weights in float32.
-# Used only with a measured ``weight_Bps`` (each expert GEMM call streams its two matrices).
+# Used only with a measured ``weight_Bps`` (each MLP call streams its two or three matrices).
 COMPUTE_WEIGHT_BYTES = 4
 
 CALIBRATION_FORMAT = "moempi-calibration"
@@ -317,7 +329,8 @@ def trace_pairs(home_slot: np.ndarray, dest_slot: np.ndarray, ep: int, scale: fl
 
 # -- time ---------------------------------------------------------------------------------
 def pipeline_time(compute_s: float, exchange_s: float, latency_s: float, m: int,
-                  phases: int = EXCHANGE_PHASES, overhead_s: float = 0.0) -> float:
+                  phases: int = EXCHANGE_PHASES, overhead_s: float = 0.0,
+                  shared_s: float = 0.0) -> float:
     """Time of one MoE layer cut into ``m`` micro-batches, s.
 
     Each micro-batch computes ``c = compute_s / m`` and moves ``x = phases * latency_s +
@@ -330,16 +343,28 @@ def pipeline_time(compute_s: float, exchange_s: float, latency_s: float, m: int,
     with latency there is a best ``m``, without it more is never worse.  ``overhead_s``: a
     fixed cost each micro-batch pays per layer on the host that nothing hides (launching
     its steps; on a busy CPU, the exchange step's own code), ``+ m * overhead_s``.
+
+    ``shared_s`` (included in ``compute_s``) is the shared expert's compute: it needs no
+    exchange, so each micro-batch computes its share ``s = shared_s / m`` while its own
+    dispatch is in flight.  The fill then pays ``max(x_d, s)`` instead of ``x_d + s``, where
+    ``x_d`` is the dispatch part of ``x`` (all phases but the combine's, half the bandwidth
+    time): ``T(m) = max(x_d, s) + (c - s) + x_c + (m - 1) * max(c, x)``, ``x_c = x - x_d``;
+    ``shared_s = 0`` gives the formula above.
     """
     c = compute_s / m
     x = phases * latency_s + exchange_s / m
-    return c + x + (m - 1) * max(c, x) + m * overhead_s
+    s = shared_s / m
+    x_d = (phases - COMBINE_PHASES.get(phases, 1)) * latency_s + exchange_s / (2 * m)
+    fill = max(x_d, s) + (c - s) + (x - x_d)
+    return fill + (m - 1) * max(c, x) + m * overhead_s
 
 
 def best_micro_batches(compute_s: float, exchange_s: float, latency_s: float,
-                       max_micro_batches: int = 16, overhead_s: float = 0.0) -> int:
+                       max_micro_batches: int = 16, overhead_s: float = 0.0,
+                       shared_s: float = 0.0) -> int:
     """The ``m`` in 1..max minimising :func:`pipeline_time` (the smallest on ties)."""
-    times = [pipeline_time(compute_s, exchange_s, latency_s, m, overhead_s=overhead_s)
+    times = [pipeline_time(compute_s, exchange_s, latency_s, m, overhead_s=overhead_s,
+                           shared_s=shared_s)
              for m in range(1, max(1, max_micro_batches) + 1)]
     return 1 + int(np.argmin(np.round(times, 15)))
 
@@ -351,18 +376,21 @@ def choose_micro_batches(tokens_per_rank: int, meta: ModelMeta, num_ranks: int, 
 
     ``tokens_per_rank`` tokens, ``gemm_flops`` achieved expert-GEMM FLOP/s of one rank,
     ``latency_s`` per exchange phase, ``bandwidth_Bps`` per rank each direction,
-    ``wire_bytes`` per element (2 BF16, 4 fp32).  Compute ``T*K*4*H*F / gemm_flops``; exchange
-    ``2 * T*K*H*wire * (P-1)/P / bandwidth`` (dispatch + combine, the ``1/P`` kept locally);
-    the count minimises :func:`pipeline_time` (with ``overhead_s`` per micro-batch and
-    layer), capped by ``tokens_per_rank``.
+    ``wire_bytes`` per element (2 BF16, 4 fp32).  Compute ``T*K*2*Me*H*F / gemm_flops``
+    (:func:`expert_flops_per_pair`) plus the shared expert's ``T * shared_flops_per_token``,
+    which overlaps each micro-batch's dispatch; exchange ``2 * T*K*H*wire * (P-1)/P /
+    bandwidth`` (dispatch + combine, the ``1/P`` kept locally); the count minimises
+    :func:`pipeline_time` (with ``overhead_s`` per micro-batch and layer), capped by
+    ``tokens_per_rank``.
     """
     if tokens_per_rank < 1 or num_ranks < 1 or not gemm_flops > 0 or not bandwidth_Bps > 0:
         raise MoempiError("choose_micro_batches: tokens, ranks, GEMM rate and bandwidth must be > 0")
     pairs = tokens_per_rank * meta.top_k
-    compute = pairs * expert_flops_per_pair(meta) / gemm_flops
+    shared = tokens_per_rank * shared_flops_per_token(meta) / gemm_flops
+    compute = pairs * expert_flops_per_pair(meta) / gemm_flops + shared
     exchange = 2 * pairs * meta.hidden_size * wire_bytes * (num_ranks - 1) / num_ranks / bandwidth_Bps
     return best_micro_batches(compute, exchange, latency_s, min(max_micro_batches, tokens_per_rank),
-                              overhead_s)
+                              overhead_s, shared)
 
 
 @dataclass(frozen=True)
@@ -371,7 +399,7 @@ class LayerTimes:
 
     layer: int
     kind: str                  # "dense" | "moe"
-    compute_s: float           # dense MLP, or expert GEMMs (skewed) + gate
+    compute_s: float           # dense MLP, or expert GEMMs (skewed) + gate + shared expert
     dispatch_intra_s: float    # bandwidth time on the busiest intra-node port (incl. TP gather)
     dispatch_inter_s: float    # bandwidth time on the busiest inter-node link
     dispatch_s: float          # max of the two: the bottleneck link
@@ -381,6 +409,7 @@ class LayerTimes:
     blocking_s: float          # compute + dispatch + combine + phases x latency (m = 1)
     overlapped_s: float        # pipeline_time with ``micro_batches``
     skew: float = 1.0          # max / mean expert pairs per GPU
+    shared_s: float = 0.0      # of compute_s: the shared expert, overlapping its dispatch
 
     @property
     def latency_share(self) -> float:
@@ -407,17 +436,19 @@ class LayerTimes:
                 "hidden": self.hidden}
 
 
-def weight_stream_s(hw: Hardware, hidden: int, ffn: int, calls: int) -> float:
-    """Fixed cost of ``calls`` MLP GEMM pairs: each streams ``2*H*F`` weights (0 if unmeasured)."""
+def weight_stream_s(hw: Hardware, hidden: int, ffn: int, calls: int, matrices: int = 2) -> float:
+    """Fixed cost of ``calls`` MLP calls: each streams its ``matrices * H * F`` weights (2
+    plain, 3 gated; 0 if unmeasured)."""
     if not hw.weight_Bps:
         return 0.0
-    return calls * 2 * hidden * ffn * COMPUTE_WEIGHT_BYTES / hw.weight_Bps
+    return calls * matrices * hidden * ffn * COMPUTE_WEIGHT_BYTES / hw.weight_Bps
 
 
 def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: int,
                      micro_batches: int = 1) -> LayerTimes:
-    """A dense layer: the MLP's ``2 * 2*H*Fd`` FLOPs per token at the GEMM rate, one weight
-    stream per micro-batch (the runner runs the dense MLP per micro-batch); no exchange.
+    """A dense layer: the MLP's ``2 * Md*H*Fd`` FLOPs per token (Md = 2 matrices plain, 3
+    gated) at the GEMM rate, one weight stream per micro-batch (the runner runs the dense
+    MLP per micro-batch); no exchange.
 
     With calibrated CPU terms (0 for datasheet hardware, where a GPU fuses these passes and
     they are noise next to the GEMMs) add the layer's elementwise work, memory-bound, so
@@ -429,8 +460,9 @@ def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: 
     Both are fitted on the calibration's dense layer (H 768, Fd 384).
     """
     elems = tokens_per_gpu * (meta.hidden_size + meta.dense_ffn_size)
-    t = (tokens_per_gpu * 4 * meta.hidden_size * meta.dense_ffn_size / hw.gemm_flops
-         + weight_stream_s(hw, meta.hidden_size, meta.dense_ffn_size, micro_batches)
+    Md = meta.dense_matrices
+    t = (tokens_per_gpu * 2 * Md * meta.hidden_size * meta.dense_ffn_size / hw.gemm_flops
+         + weight_stream_s(hw, meta.hidden_size, meta.dense_ffn_size, micro_batches, Md)
          + elems * hw.dense_elem_s
          + (elems * hw.dense_touch_s if layer == 0 else 0.0))
     return LayerTimes(layer, "dense", t, 0.0, 0.0, 0.0, 0.0, 0.0, 1, t, t)
@@ -452,7 +484,8 @@ def moe_exchange(meta: ModelMeta, hw: Hardware, traffic: Traffic, wire_bytes: in
 def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
                 micro_batches: int = 1, experts_per_gpu: int = 1,
                 touch_share: float = 0.0) -> float:
-    """Expert GEMMs of the busiest GPU plus its gate ``h @ gate`` (2*H*E FLOPs per token), s.
+    """Expert GEMMs of the busiest GPU (:func:`expert_flops_per_pair` per pair) plus its gate
+    ``h @ gate`` (2*H*E FLOPs per token), s; the shared expert is :func:`shared_compute`.
 
     With calibrated CPU terms (all 0 for datasheet hardware) add: one weight stream per
     (micro-batch, local expert) GEMM call, ``T * H * token_elem_s`` of per-token non-GEMM
@@ -466,10 +499,21 @@ def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu:
              + tokens_per_gpu * 2 * meta.hidden_size * meta.num_experts)
     return (flops / hw.gemm_flops
             + weight_stream_s(hw, meta.hidden_size, meta.moe_ffn_size,
-                              micro_batches * experts_per_gpu)
+                              micro_batches * experts_per_gpu, meta.expert_matrices)
             + tokens_per_gpu * meta.hidden_size * hw.token_elem_s
             + micro_batches * hw.micro_batch_s
             + touch_share * tokens_per_gpu * meta.top_k * meta.hidden_size * hw.first_touch_s)
+
+
+def shared_compute(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int,
+                   micro_batches: int = 1) -> float:
+    """The shared expert on one GPU, s: its own ``T`` tokens, no exchange
+    (:func:`shared_flops_per_token` each), one weight stream per micro-batch; 0 without one."""
+    if not meta.shared_ffn_size:
+        return 0.0
+    return (tokens_per_gpu * shared_flops_per_token(meta) / hw.gemm_flops
+            + weight_stream_s(hw, meta.hidden_size, meta.shared_ffn_size, micro_batches,
+                              meta.expert_matrices))
 
 
 def touch_shares(moe_layers: int, head: float = 0.0) -> list[float]:
@@ -493,19 +537,25 @@ def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: 
                phases: int = EXCHANGE_PHASES) -> LayerTimes:
     """Predicted times of MoE layer ``layer`` cut into ``micro_batches``.
 
-    ``blocking_s`` is the m = 1 layer.  The CPU terms of :func:`moe_compute` depend on m, so
-    ``compute_s`` is at ``micro_batches`` and ``blocking_s`` recomputes it at m = 1."""
-    compute = moe_compute(meta, hw, traffic, tokens_per_gpu, micro_batches, experts_per_gpu,
-                          touch_share)
-    compute1 = moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, touch_share)
+    ``blocking_s`` is the m = 1 layer with nothing overlapped, the shared expert included
+    (``compute + dispatch + combine + phases * latency``).  The CPU terms of
+    :func:`moe_compute` depend on m, so ``compute_s`` is at ``micro_batches`` and
+    ``blocking_s`` recomputes it at m = 1.  ``compute_s`` includes the shared expert
+    (``shared_s``), which :func:`pipeline_time` overlaps with each micro-batch's dispatch."""
+    m = micro_batches
+    shared = shared_compute(meta, hw, tokens_per_gpu, m)
+    compute = shared + moe_compute(meta, hw, traffic, tokens_per_gpu, m, experts_per_gpu,
+                                   touch_share)
+    compute1 = (shared_compute(meta, hw, tokens_per_gpu, 1)
+                + moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, touch_share))
     intra, inter = moe_exchange(meta, hw, traffic, wire_bytes)
     dispatch = max(intra, inter)                        # links run concurrently: the slower one
-    m = micro_batches
     return LayerTimes(layer, "moe", compute, intra, inter, dispatch, dispatch,
                       phases * m * hw.latency_s, m,
                       pipeline_time(compute1, 2 * dispatch, hw.latency_s, 1, phases),
-                      pipeline_time(compute, 2 * dispatch, hw.latency_s, m, phases),
-                      traffic.skew)
+                      pipeline_time(compute, 2 * dispatch, hw.latency_s, m, phases,
+                                    shared_s=shared),
+                      traffic.skew, shared)
 
 
 @dataclass(frozen=True)
@@ -637,6 +687,7 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
 
 __all__ = ["Calibration", "Forecast", "Hardware", "LayerTimes", "Layout", "Traffic",
            "best_micro_batches", "choose_micro_batches", "dense_layer_time",
+           "expert_flops_per_pair", "shared_compute", "shared_flops_per_token",
            "forward_time", "layer_time", "memory_per_gpu", "pipeline_time", "smallest_fitting_tp",
            "touch_shares",
            "trace_pairs", "traffic_from_pairs", "uniform_pairs"]

@@ -330,7 +330,8 @@ def _time_key(routing: RoutingTrace, pos: int, hosts, topology: Topology, meta: 
         link, _, gpu = _node_key(routing, pos, hosts, topology)
     else:
         link, _, gpu = _exact_key(routing, pos, hosts, topology)
-    return predicted_layer_s(gpu, link, meta, topology), link, gpu
+    home = routing.num_tokens / routing.num_ranks
+    return predicted_layer_s(gpu, link, meta, topology, home), link, gpu
 
 
 def place_experts(routing: RoutingTrace, topology: Topology, meta: ModelMeta,
@@ -357,11 +358,15 @@ def place_experts(routing: RoutingTrace, topology: Topology, meta: ModelMeta,
     if E > P and not allow_packing:
         raise MoempiError(f"the model has {E} experts but the topology only {P} GPUs: pass "
                           "--allow-packing to host several experts per GPU")
+    # expert slabs (meta.expert_bytes: three matrices when gated) and what every GPU holds
     slabs = sum(rank_slots(E, P, pos) for pos in range(len(routing.moe_layers)))
     need = int(np.max(slabs, initial=0)) * meta.expert_bytes
-    if need > topology.gpu_memory_gb * 1e9:
+    replicated = meta.replicated_weight_bytes
+    if need + replicated > topology.gpu_memory_gb * 1e9:
         raise MoempiError(f"memory: each GPU must hold up to {int(np.max(slabs))} expert slabs "
-                          f"({need / 1e9:.2f} GB) but topology gpu_memory_gb is {topology.gpu_memory_gb}")
+                          f"({need / 1e9:.2f} GB) and {replicated / 1e9:.2f} GB of replicated "
+                          "weights (dense MLPs, gates, shared experts, norms) but topology "
+                          f"gpu_memory_gb is {topology.gpu_memory_gb}")
     contiguous = contiguous_placement(E, routing.moe_layers, topology)
     eplb = eplb_placement(routing, topology)
     hosts = {}

@@ -122,12 +122,16 @@ def load_trace(path: str, meta: ModelMeta | None = None) -> RoutingTrace:
                         file_meta.num_experts, source=path)
 
 
-def _sample_distinct(rng, weights: np.ndarray, token_group: np.ndarray, top_k: int) -> np.ndarray:
+def _sample_distinct(rng, weights: np.ndarray, token_group: np.ndarray, top_k: int,
+                     allowed: np.ndarray | None = None, block: int = 1) -> np.ndarray:
     """K distinct experts per token, drawn one after another in proportion to ``weights``.
 
     ``weights`` `[G, E]` (one row per token group), ``token_group`` `[N]` int.  Sequential
     draws without replacement give the same law as Gumbel top-k, in O(N K log E) instead
     of O(N E): inverse-CDF lookups on the groups' CDFs laid end to end, redrawing repeats.
+    ``allowed`` `[N, A]` int (optional): each token may only take experts ``e`` with
+    ``e // block`` among its row (DeepSeek-V3's expert groups of ``block`` consecutive
+    ids); a draw elsewhere is redrawn, which conditions the law on those blocks.
     Returns `[N, K]` int64.
     """
     num_groups, num_experts = weights.shape
@@ -145,8 +149,24 @@ def _sample_distinct(rng, weights: np.ndarray, token_group: np.ndarray, top_k: i
         rows = np.arange(token_group.size)
         while rows.size:
             picks[rows, k] = draw(rows)
-            rows = rows[(picks[rows, :k] == picks[rows, k:k + 1]).any(1)]   # repeats: redraw
+            redo = (picks[rows, :k] == picks[rows, k:k + 1]).any(1)       # repeats: redraw
+            if allowed is not None:                                       # outside: redraw
+                redo |= ~(allowed[rows] == picks[rows, k:k + 1] // block).any(1)
+            rows = rows[redo]
     return picks
+
+
+def _grouped_topk(rng, weights: np.ndarray, token_group: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """Top-K experts per token under DeepSeek-V3's group-limited routing: ``topk_group`` of
+    the ``n_group`` groups of ``E / n_group`` consecutive experts, drawn in proportion to
+    their experts' total weight, then K distinct experts inside them (:func:`_sample_distinct`
+    with ``weights`` `[G, E]`).  A stand-in for the router's group score (the sum of a group's
+    two best scores): it keeps what placement sees, every token within ``topk_group``
+    groups.  Returns `[N, K]` int64."""
+    size = meta.num_experts // meta.n_group
+    group_weights = weights.reshape(weights.shape[0], meta.n_group, size).sum(-1)   # [G, n_group]
+    chosen = _sample_distinct(rng, group_weights, token_group, meta.topk_group)     # [N, topk_group]
+    return _sample_distinct(rng, weights, token_group, meta.top_k, chosen, size)
 
 
 def synthetic_routing(regime: str, num_ranks: int, meta: ModelMeta, tokens_per_rank: int = 256,
@@ -161,6 +181,10 @@ def synthetic_routing(regime: str, num_ranks: int, meta: ModelMeta, tokens_per_r
     - ``clusters``: experts form clusters of 8 (or E/4 when E < 32) that co-activate; each
       half-shard of a rank (a "document") prefers one cluster ``GROUP_AFFINITY`` times.
     - ``locality``: each node's tokens prefer that node's share of the experts (E / nodes).
+
+    Each token takes ``meta.top_k`` distinct experts.  With ``n_group > 1`` (DeepSeek-V3:
+    4 of 8 groups) they lie in ``topk_group`` groups of consecutive expert ids
+    (:func:`_grouped_topk`); the regime's weights choose the groups and the experts in them.
     """
     if regime not in REGIMES:
         raise MoempiError(f"synthetic routing: regime must be one of {', '.join(REGIMES)}, not {regime!r}")
@@ -194,7 +218,11 @@ def synthetic_routing(regime: str, num_ranks: int, meta: ModelMeta, tokens_per_r
                               np.log(GROUP_AFFINITY), 0.0)           # [G, E]
         else:
             token_group = np.zeros(num_tokens, dtype=np.int64)
-        topk = _sample_distinct(rng, np.exp(logits - logits.max()), token_group, top_k)
+        weights = np.exp(logits - logits.max())
+        if meta.n_group > 1:
+            topk = _grouped_topk(rng, weights, token_group, meta)
+        else:                                    # the same draws as before groups existed
+            topk = _sample_distinct(rng, weights, token_group, top_k)
         layers.append(np.sort(topk, axis=1).astype(np.int32))
     return RoutingTrace(home_rank, np.stack(layers), tuple(meta.moe_layers), num_ranks,
                         num_experts, source=f"synthetic {regime} seed={seed} "

@@ -105,12 +105,16 @@ def link_loads(traffic: np.ndarray, topology: Topology) -> dict[str, np.ndarray]
 
 
 def predicted_layer_s(gpu_tokens: float, link_tokens: float, meta: ModelMeta,
-                      topology: Topology) -> float:
+                      topology: Topology, home_tokens: float = 0.0) -> float:
     """The performance model's MoE layer time, the slower of the busiest GPU's expert GEMMs
-    (``4 H F`` FLOPs a pair at ``peak_tflops x mfu``) and the busiest inter-node link's
+    (``2 Me H F`` FLOPs a pair, Me = 2 matrices plain, 3 gated, as
+    ``perf.expert_flops_per_pair``) plus its shared expert on its ``home_tokens`` own tokens
+    (``2 Me H Fs`` FLOPs each), at ``peak_tflops x mfu``, and the busiest inter-node link's
     dispatch and combine (``2 x H`` BF16 bytes a row each way at bandwidth x utilisation):
     the two overlap, so the layer takes the larger (docs/plan.md)."""
-    compute = gpu_tokens * 4 * meta.hidden_size * meta.moe_ffn_size / (
+    per_row = 2 * meta.expert_matrices * meta.hidden_size
+    compute = (gpu_tokens * per_row * meta.moe_ffn_size
+               + home_tokens * per_row * meta.shared_ffn_size) / (
         topology.peak_tflops * 1e12 * topology.mfu)
     link = 2 * link_tokens * meta.hidden_size * 2 / (
         topology.inter_node_bandwidth_gbs * 1e9 * topology.utilisation)
@@ -125,7 +129,9 @@ def layer_key(loads: dict[str, np.ndarray]) -> tuple:
 
 
 def memory_per_gpu(placement: Placement, meta: ModelMeta) -> np.ndarray:
-    """Bytes of expert weights each rank holds over all MoE layers: `[P]` int64."""
+    """Bytes of expert weights each rank holds over all MoE layers: `[P]` int64; an expert
+    slab is ``meta.expert_bytes`` (three matrices when gated).  What every rank holds besides,
+    whatever the placement, is ``meta.replicated_weight_bytes``."""
     slabs = np.zeros(placement.num_ranks, dtype=np.int64)
     for per_expert in placement.hosts.values():
         for ranks in per_expert:
@@ -155,7 +161,8 @@ def evaluate(routing: RoutingTrace, placement: Placement, topology: Topology,
             loads["inter"] = node_dispatch_inter(routing, pos, placement, topology)
         per_layer.append(layer_key(loads) + (int(loads["inter"].sum()),))
     arr = np.array(per_layer, dtype=np.float64).reshape(-1, 4)
-    times = [predicted_layer_s(gpu, inter, meta, topology) for inter, _, gpu, _ in arr]
+    home = routing.num_tokens / routing.num_ranks          # tokens per GPU: the shared expert's
+    times = [predicted_layer_s(gpu, inter, meta, topology, home) for inter, _, gpu, _ in arr]
     memory = memory_per_gpu(placement, meta)
     node_memory = memory.reshape(topology.nodes, topology.gpus_per_node).sum(1)
     return {
@@ -172,9 +179,12 @@ def evaluate(routing: RoutingTrace, placement: Placement, topology: Topology,
 
 def check_memory(placement: Placement, topology: Topology, meta: ModelMeta,
                  source: str = "placement") -> None:
-    """Refuse a placement whose expert weights exceed some GPU's memory."""
+    """Refuse a placement whose weights exceed some GPU's memory: its expert slabs plus the
+    weights every rank holds (dense MLPs, gates, shared experts, norms)."""
     memory = memory_per_gpu(placement, meta)
     worst = int(memory.argmax())
-    if memory[worst] > topology.gpu_memory_gb * 1e9:
+    replicated = meta.replicated_weight_bytes
+    if memory[worst] + replicated > topology.gpu_memory_gb * 1e9:
         raise MoempiError(f"{source}: rank {worst} would hold {memory[worst] / 1e9:.2f} GB of "
-                          f"expert weights but topology gpu_memory_gb is {topology.gpu_memory_gb}")
+                          f"expert weights and {replicated / 1e9:.2f} GB of replicated weights "
+                          f"but topology gpu_memory_gb is {topology.gpu_memory_gb}")
