@@ -217,11 +217,11 @@ def splits_exactly(h, w_in, w_out, activation: str, rows: int) -> bool:
     return True
 
 
-def _expert_like(meta: ModelMeta, rows: int, seed: int = 0):
+def _expert_like(meta: ModelMeta, rows: int, seed: int = 0, ffn: int = 0):
     """Random rows (starting one row into their buffer, as received rows do) and weights of
-    the job's expert shapes."""
+    the job's expert shapes (of width ``ffn`` when given: the shared expert's)."""
     rng = np.random.default_rng(seed)
-    H, F = meta.hidden_size, meta.moe_ffn_size
+    H, F = meta.hidden_size, ffn or meta.moe_ffn_size
     w_in = rng.standard_normal((H, F), dtype=np.float32) / np.float32(H ** 0.5)
     w_out = rng.standard_normal((F, H), dtype=np.float32) / np.float32(F ** 0.5)
     h = rng.standard_normal((rows + 1, H), dtype=np.float32)[1:]
@@ -276,7 +276,9 @@ def chunk_rows(meta: ModelMeta, world: MPI.Comm, given: int = 0,
                                  op=MPI.MAX)
     exact = True
     if chosen <= CHUNK_MAX:       # (a larger given chunk is a multiple of the quantum, unchecked)
-        h, w_in, w_out = _expert_like(meta, 2 * chosen + 5, seed=1)
-        exact = world.allreduce(splits_exactly(h, w_in, w_out, meta.activation, chosen),
-                                op=MPI.LAND)
+        # the routed experts' shapes, and the shared expert's (cut the same way) if it differs
+        for ffn in {meta.moe_ffn_size, meta.shared_ffn_size or meta.moe_ffn_size}:
+            h, w_in, w_out = _expert_like(meta, 2 * chosen + 5, seed=1, ffn=ffn)
+            exact = exact and splits_exactly(h, w_in, w_out, meta.activation, chosen)
+        exact = world.allreduce(exact, op=MPI.LAND)
     return (chosen if exact else 0), quantum, world.bcast(rates, root=0)
