@@ -93,6 +93,10 @@ def test_bench_job_quick(tmp_path):
     said = re.search(r"target auto/best <= 1.03: (met|not met: .*)", out)[1]
     assert (said == "met") == (round(auto[0], 3) <= 1.03)
     assert re.search(r"target tuning <= 2% of the forward: (met|not met)", out)
+    replay = re.search(r"target replay for the overlap % <= 2% of the forward: (met \(([0-9.]+)%"
+                       r"|not met: ([0-9.]+)%)", out)
+    share = float(replay[2] or replay[3])
+    assert (replay[1].startswith("met")) == (share <= 2.0)
     assert (tmp_path / "work" / "bench-job").is_dir()
 
 
