@@ -253,7 +253,9 @@ def test_expert_chunks_change_no_bit(hidden, ffn):
     if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
         pytest.skip("needs one BLAS thread, as make test sets (with more, OpenBLAS splits "
                     "rows between threads by size and no quantum holds: no chunks then)")
-    meta = SimpleNamespace(hidden_size=hidden, moe_ffn_size=ffn, activation="silu")
+    # (a shared expert twice as wide: the chunk is checked on its shape too)
+    meta = SimpleNamespace(hidden_size=hidden, moe_ffn_size=ffn, activation="silu",
+                           shared_ffn_size=2 * ffn)
     chunk, quantum, _ = tune.chunk_rows(meta, MPI.COMM_SELF, given=1)
     assert quantum and chunk == quantum
     rng = np.random.default_rng(3)
