@@ -346,6 +346,16 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None,
             else:
                 ds[i] = data
 
+    def matrix(f, name, shape, l, stream):
+        """A matrix `[in, out]` (or per-expert slabs `[E, in, out]`) of N(0, 1/in) values,
+        from its own random stream (per expert: ``(seed, l, stream, e)``)."""
+        fan_in = shape[-2]
+        if len(shape) == 3:
+            put(f, name, shape,
+                lambda e: _rng(seed, l, stream, e).standard_normal(shape[1:]) / fan_in**0.5)
+        else:
+            put(f, name, shape, lambda _: _rng(seed, l, stream).standard_normal(shape) / fan_in**0.5)
+
     Fs = meta.shared_ffn_size
     with _write_atomically(path, overwrite) as f:
         write_model_attrs(f, meta)
@@ -356,36 +366,26 @@ def write_model(path: str, meta: ModelMeta, seed: int = 0, progress=None,
             if meta.is_moe(l):
                 put(f, f"{g}/gate", (H, E),
                     lambda _, l=l: _rng(seed, l, 1).standard_normal((H, E)) * (2 / H**0.5))
-                put(f, f"{g}/experts/w_in", (E, H, F),
-                    lambda e, l=l: _rng(seed, l, 2, e).standard_normal((H, F)) / H**0.5)
-                put(f, f"{g}/experts/w_out", (E, F, H),
-                    lambda e, l=l: _rng(seed, l, 3, e).standard_normal((F, H)) / F**0.5)
+                matrix(f, f"{g}/experts/w_in", (E, H, F), l, 2)
+                matrix(f, f"{g}/experts/w_out", (E, F, H), l, 3)
                 # the family's parts (new random streams: the original ones stay as they were)
                 if meta.expert_kind == "gated":
-                    put(f, f"{g}/experts/w_gate", (E, H, F),
-                        lambda e, l=l: _rng(seed, l, 6, e).standard_normal((H, F)) / H**0.5)
+                    matrix(f, f"{g}/experts/w_gate", (E, H, F), l, 6)
                 if meta.has_score_bias:     # float32 whatever the weights, as DeepSeek-V3's
                     f.create_dataset(f"{g}/{SCORE_BIAS}", data=(
                         0.01 * _rng(seed, l, 7).standard_normal(E)).astype(np.float32))
                 if Fs:
                     if meta.expert_kind == "gated":
-                        put(f, f"{g}/shared/w_gate", (H, Fs),
-                            lambda _, l=l: _rng(seed, l, 8).standard_normal((H, Fs)) / H**0.5)
-                    put(f, f"{g}/shared/w_in", (H, Fs),
-                        lambda _, l=l: _rng(seed, l, 9).standard_normal((H, Fs)) / H**0.5)
-                    put(f, f"{g}/shared/w_out", (Fs, H),
-                        lambda _, l=l: _rng(seed, l, 10).standard_normal((Fs, H)) / Fs**0.5)
+                        matrix(f, f"{g}/shared/w_gate", (H, Fs), l, 8)
+                    matrix(f, f"{g}/shared/w_in", (H, Fs), l, 9)
+                    matrix(f, f"{g}/shared/w_out", (Fs, H), l, 10)
                 if meta.shared_expert_gate:
-                    put(f, f"{g}/shared_gate", (H, 1),
-                        lambda _, l=l: _rng(seed, l, 11).standard_normal((H, 1)) / H**0.5)
+                    matrix(f, f"{g}/shared_gate", (H, 1), l, 11)
             else:
                 if meta.dense_kind == "gated":
-                    put(f, f"{g}/mlp/w_gate", (H, Fd),
-                        lambda _, l=l: _rng(seed, l, 12).standard_normal((H, Fd)) / H**0.5)
-                put(f, f"{g}/mlp/w_in", (H, Fd),
-                    lambda _, l=l: _rng(seed, l, 4).standard_normal((H, Fd)) / H**0.5)
-                put(f, f"{g}/mlp/w_out", (Fd, H),
-                    lambda _, l=l: _rng(seed, l, 5).standard_normal((Fd, H)) / Fd**0.5)
+                    matrix(f, f"{g}/mlp/w_gate", (H, Fd), l, 12)
+                matrix(f, f"{g}/mlp/w_in", (H, Fd), l, 4)
+                matrix(f, f"{g}/mlp/w_out", (Fd, H), l, 5)
             if progress:
                 progress(l + 1, meta.num_layers)
         if meta.has_final_norm:
