@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -195,3 +196,24 @@ def test_batch_tokens_bounds_host_memory(tmp_path):
     growth = (peaks[32768] - peaks[4096]).max() / 2**20
     # rows held to the end would add 56 MiB per rank; one batch in flight adds none
     assert growth < 16, f"peak host memory grew by {growth:.0f} MiB per rank: {peaks}"
+
+
+def test_inspect_explains_the_overlap(files, tmp_path):
+    """`inspect` says why the overlap is what it is, in words a user acts on, and shows no
+    NaN: a dense layer's overlap is not applicable.  (4 ranks: on a machine with fewer
+    cores, that they share them is one of the reasons.)"""
+    import os
+    path, _ = run(files, tmp_path, 4, "e4.h5", "tok.h5", "--micro-batches", "1",
+                  "--set", "pipeline.pure_comm_layers=all")
+    shown = moempi("inspect", path).stdout
+    assert "nan" not in shown.lower()
+    assert re.search(r"^    0 dense .* n/a$", shown, re.M)
+    why = shown[shown.index("why the overlap is what it is:"):]
+    assert "- one micro-batch:" in why and "--micro-batches 2 or more" in why
+    assert re.search(r"- the exchanges alone take [0-9.]+ s against [0-9.]+ s of compute", why)
+    with h5py.File(path, "r") as f:
+        node = json.loads(f.attrs["node"])
+    assert node["ranks"] == 4 and node["cores"] == len(os.sched_getaffinity(0))
+    assert ("4 ranks shared" in why) == (node["cores"] < 4)
+    blocking, _ = run(files, tmp_path, 2, "e4.h5", "tok.h5", "--no-overlap", name="b.h5")
+    assert "were blocking (pipeline.overlap = false)" in moempi("inspect", blocking).stdout

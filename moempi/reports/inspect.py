@@ -67,7 +67,8 @@ def summarise(path: str, echo=print) -> None:
              f"{'pure comm':>9} {'overlap%':>8}")
         echo("  min/max/expert: (token, expert) pairs over all ranks; imb: max / mean over "
              "experts, ranks; compute, wait, overall, pure comm: seconds, max over ranks; "
-             "overlap%: mean over ranks (OSU)")
+             "overlap%: mean over ranks (OSU); n/a: a dense layer exchanges nothing; -: not "
+             "measured")
         index = {int(l): i for i, l in enumerate(moe)}
         dense = [l for l in range(int(meta.get("num_layers", 0))) if l not in index]
         shown = sorted(set(dense) | {int(moe[i]) for i in (
@@ -81,9 +82,11 @@ def summarise(path: str, echo=print) -> None:
                         f"{imb_e[i]:>9.2f} {imb_r[i]:>9.2f}")
             else:
                 load = f"{'dense':>5} {'-':>10} {'-':>10} {'-':>9} {'-':>9}"
+            shown_ov = f"{ov:>8.1f}" if np.isfinite(ov) else \
+                f"{'n/a':>8}" if l not in index else f"{'-':>8}"
             echo(f"{l:>5} {load} {timings['compute'][:, l].max():>9.4f} "
                  f"{timings['wait'][:, l].max():>8.4f} {timings['overall'][:, l].max():>9.4f} "
-                 f"{timings['pure_comm'][:, l].max():>9.4f} {ov:>8.1f}")
+                 f"{timings['pure_comm'][:, l].max():>9.4f} {shown_ov}")
         if len(shown) < len(dense) + len(moe):
             echo(f"  ({len(shown) - len(dense)} of {len(moe)} MoE layers shown)")
         echo("")
@@ -101,3 +104,51 @@ def summarise(path: str, echo=print) -> None:
                 0, 100 * (1 - over / np.maximum(tot["pure_comm"], 1e-12))), np.nan)
             echo(f"overlap (OSU definition, whole run): mean {np.nanmean(total_pct):.1f} %, "
                  f"per layer mean {np.nanmean(moe_cols):.1f} %")
+        for line in overlap_reasons(f, cfg, meta, timings, moe, imb_r):
+            echo(line)
+
+
+def overlap_reasons(f, cfg: dict, meta: dict, timings: dict, moe, imb_r) -> list[str]:
+    """Why the overlap % is what it is, in words a user acts on: the run's micro-batch
+    count, the exchange's size against the compute, ranks sharing cores, imbalance."""
+    if not len(moe):
+        return []
+    lines = ["why the overlap is what it is:"]
+    micro = int(f.attrs["micro_batches"])
+    overlap_on = cfg.get("pipeline", {}).get("overlap", True)
+    shared = int(meta.get("shared_ffn_size", 0) or 0)
+    compute = timings["compute"][:, moe].sum(axis=1).mean()
+    pure = timings["pure_comm"][:, moe].sum(axis=1).mean()
+    wait = timings["wait"][:, moe].sum(axis=1).mean()
+    if not overlap_on:
+        lines.append("- the exchanges were blocking (pipeline.overlap = false): nothing overlaps "
+                     "by design; run with --overlap to hide them behind compute")
+    elif micro == 1:
+        hides = (" apart from the shared expert, which each rank computes for its own tokens "
+                 "while its dispatch is in flight" if shared else "")
+        lines.append(f"- one micro-batch: its experts need the rows its dispatch brings and its "
+                     f"weighted sum the rows the combine returns, so nothing computes while its "
+                     f"own exchanges fly{hides}; with --micro-batches 2 or more one micro-batch "
+                     f"computes while another's exchange is in flight (the automatic count "
+                     f"chose 1 as the fastest, or had no room to try others)")
+    if pure > 0:
+        lines.append(f"- the exchanges alone take {pure:.3f} s against {compute:.3f} s of "
+                     f"compute in the MoE layers ({pure / max(compute, 1e-12):.0%}); the "
+                     f"ranks waited {wait:.3f} s: overlap can save at most the exchange's "
+                     f"time, {pure / max(compute + pure, 1e-12):.0%} of the layers'")
+    else:
+        lines.append("- the exchanges were not replayed alone (pipeline.measure_pure_comm = "
+                     "false, or no layer fit the replay's budget): the overlap % is not "
+                     "measured; pipeline.pure_comm_layers = \"all\" replays every layer")
+    node = _json_attr(f, "node", {})
+    if node and node.get("ranks", 0) > node.get("cores", 1 << 30):
+        lines.append(f"- {node['ranks']} ranks shared {node['cores']} cores on a node: MPI's "
+                     f"copies and the other ranks' compute run on the same cores, so the "
+                     f"time waiting is mostly other ranks' work, not the network; give each "
+                     f"rank its own core (or GPU) to see the overlap")
+    worst = float(np.max(imb_r)) if len(imb_r) else 1.0
+    if worst > 1.2:
+        lines.append(f"- the ranks' expert loads differ (the busiest up to {worst:.2f} x the "
+                     f"mean rows): the others wait for it, and that waiting counts against "
+                     f"the overlap; balance.enabled = true or `moempi place` even it out")
+    return lines

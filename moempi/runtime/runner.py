@@ -350,6 +350,9 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
 
         tuning_s = tuning.cost_s if tuning else 0.0
         peak = world.allreduce(peak_host_bytes(), op=MPI.MAX)
+        # ranks against the cores they may run on (rank 0's node): `inspect` explains the
+        # overlap % by it (MPI's copies and the other ranks' compute then share the cores)
+        node = {"ranks": parallel.node_ranks(world), "cores": len(os.sched_getaffinity(0))}
         say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens * (num_batches - done) / num_batches / max(elapsed, 1e-9):,.0f} tokens/s; "
                    f"peak host memory {peak / 2**20:,.0f} MiB (the largest rank); tuning cost "
                    f"{tuning_s:.2f} s ({tuning_s / max(elapsed, 1e-9):.1%} of the forward)")
@@ -371,7 +374,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                            "weights": load_s, "tuning": tuning_s,
                            "forward": elapsed - tuning_s,
                            "replay": world.allreduce(replay_s, op=MPI.MAX)},
-            versions=versions(), command_line=command_line, devices=devices,
+            versions=versions(), command_line=command_line, devices=devices, node=node,
             forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
         if cfg.balance.enabled:
             vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
