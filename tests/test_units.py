@@ -237,6 +237,7 @@ def _chunked_experts(chunk: int, recv, experts):
     plan = SimpleNamespace(expert_slices=lambda: iter([(0, slice(0, len(recv)))]))
     ex = SimpleNamespace(output_buffer=lambda plan: None)
     mb = SimpleNamespace(ctx=ctx, xp=np, _compute=lambda *a: None)
+    mb._mlp_in_pieces = lambda *args: MicroBatch._mlp_in_pieces(mb, *args)
     return MicroBatch._experts(mb, SimpleNamespace(experts=experts, index=0), plan, recv, ex)
 
 

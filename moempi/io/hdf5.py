@@ -12,7 +12,7 @@ import numpy as np
 
 from moempi.errors import MoempiError
 from moempi.io import files
-from moempi.model.shapes import ModelMeta
+from moempi.model.shapes import MLP_MATRICES, ModelMeta
 
 MODEL_FORMAT = "moempi-model"
 MODEL_VERSION = 1
@@ -246,12 +246,12 @@ class ModelReader:
         return data
 
     def expert(self, layer: int, e: int, cols: slice = slice(None),
-               gated: bool = False) -> tuple:
-        """One expert's ``w_in[:, cols]`` `[H, F']` and ``w_out[cols, :]`` `[F', H]` (and, when
-        ``gated``, ``w_gate[:, cols]`` `[H, F']` third), float32: the whole expert, or (tensor
-        parallelism) one shard of its hidden dimension F, read alone."""
+               names=("w_in", "w_out")) -> tuple:
+        """One expert's matrices ``names`` (:data:`moempi.model.shapes.MLP_MATRICES`):
+        ``w_in[:, cols]`` `[H, F']`, ``w_out[cols, :]`` `[F', H]`, ``w_gate[:, cols]`` `[H, F']`,
+        float32: the whole expert, or (tensor parallelism) one shard of its hidden dimension
+        F, read alone."""
         base = f"layers/{layer:03d}/experts"
-        names = ("w_in", "w_out", "w_gate") if gated else ("w_in", "w_out")
         if cols == slice(None):
             return tuple(self.read(f"{base}/{n}", e) for n in names)
         return tuple(self.read(f"{base}/{n}", (e, cols) if n == "w_out" else
@@ -263,10 +263,10 @@ class ModelReader:
         g = f"layers/{l:03d}"
         out = {"norm": self.read(f"{g}/norm")}
         if not meta.is_moe(l):
-            names = ("w_gate", "w_in", "w_out") if meta.dense_kind == "gated" else ("w_in", "w_out")
+            names = MLP_MATRICES[meta.dense_kind]
             out["mlp"] = {n: self.read(f"{g}/mlp/{n}") for n in names}
             return out
-        names = ("w_gate", "w_in", "w_out") if meta.expert_kind == "gated" else ("w_in", "w_out")
+        names = MLP_MATRICES[meta.expert_kind]
         out["gate"] = self.read(f"{g}/gate")
         out["experts"] = {n: _Slabs(self, f"{g}/experts/{n}") for n in names}
         if meta.shared_ffn_size:

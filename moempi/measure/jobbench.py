@@ -92,9 +92,7 @@ def _summary(path: Path) -> dict:
         a = f.attrs
         return {"phases": json.loads(a["phase_seconds"]), "tuning": json.loads(a["tuning"]),
                 "micro_batches": int(a["micro_batches"]), "forward": float(a["forward_seconds"]),
-                "replayed": list(json.loads(a["pure_comm_replayed"])
-                                 if isinstance(a["pure_comm_replayed"], str)
-                                 else a["pure_comm_replayed"]),
+                "replayed": json.loads(a["pure_comm_replayed"]),
                 "total": float(a["total_seconds"])}
 
 

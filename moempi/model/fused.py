@@ -21,13 +21,11 @@ without ``fastmath``); a dropped pair (position -1) reads row 0 at weight 0, as
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-_lock = threading.Lock()
 _kernels = None
 
 
@@ -59,23 +57,22 @@ def load() -> Kernels:
     """Import numba and compile (or load from the cache) the kernels, once per process,
     calling each on a tiny input so that no compilation falls inside a timed layer."""
     global _kernels
-    with _lock:
-        if _kernels is None:
-            t = time.perf_counter()
-            try:
-                k = _build(cache=True)
-            except RuntimeError:      # no writable cache location: compile in this process
-                k = _build(cache=False)
-            x = np.zeros((2, 4), np.float32)
-            idx = np.zeros(2, np.int64)
-            pos = np.zeros((2, 1), np.int64)
-            w = np.zeros((2, 1), np.float32)
-            k["gather_round"](x.view(np.uint32), idx, np.empty((2, 4), np.uint16))
-            k["weighted_f32"](x, x, pos, w)
-            k["weighted_bf16"](x, np.zeros((2, 4), np.uint16), pos, w)
-            _kernels = Kernels(k["gather_round"], k["weighted_f32"], k["weighted_bf16"],
-                               time.perf_counter() - t)
-        return _kernels
+    if _kernels is None:
+        t = time.perf_counter()
+        try:
+            k = _build(cache=True)
+        except RuntimeError:          # no writable cache location: compile in this process
+            k = _build(cache=False)
+        x = np.zeros((2, 4), np.float32)
+        idx = np.zeros(2, np.int64)
+        pos = np.zeros((2, 1), np.int64)
+        w = np.zeros((2, 1), np.float32)
+        k["gather_round"](x.view(np.uint32), idx, np.empty((2, 4), np.uint16))
+        k["weighted_f32"](x, x, pos, w)
+        k["weighted_bf16"](x, np.zeros((2, 4), np.uint16), pos, w)
+        _kernels = Kernels(k["gather_round"], k["weighted_f32"], k["weighted_bf16"],
+                           time.perf_counter() - t)
+    return _kernels
 
 
 def _build(cache: bool):
@@ -99,48 +96,39 @@ def _build(cache: bool):
                                                                      np.uint32(1))) >> np.uint32(16))
 
     @numba.njit(**opts)
+    def add_pair(acc, row, pos, w, n, k):
+        """``acc (=|+=) w[n, k] * row`` (``=`` for the first slot), float32, no FMA; a
+        dropped pair (-1) weighs 0, as numpy's ``take(mode="clip")`` on row 0 does."""
+        wk = w[n, k] if pos[n, k] >= 0 else np.float32(0.0)
+        if k == 0:
+            for j in range(acc.shape[0]):
+                acc[j] = row[j] * wk
+        else:
+            for j in range(acc.shape[0]):
+                acc[j] = acc[j] + row[j] * wk
+
+    @numba.njit(**opts)
     def weighted_f32(x, back, pos, w):
         """``x[n] += sum_k w[n, k] * back[pos[n, k]]``; back `[S, H]` float32."""
-        N, K = pos.shape
-        H = x.shape[1]
-        acc = np.empty(H, np.float32)
-        for n in range(N):
-            for k in range(K):
-                p = pos[n, k]
-                wk = w[n, k] if p >= 0 else np.float32(0.0)
-                p = p if p >= 0 else 0
-                if k == 0:
-                    for j in range(H):
-                        acc[j] = back[p, j] * wk
-                else:
-                    for j in range(H):
-                        acc[j] = acc[j] + back[p, j] * wk
-            for j in range(H):
-                x[n, j] = x[n, j] + acc[j]
+        acc = np.empty(x.shape[1], np.float32)
+        for n in range(pos.shape[0]):
+            for k in range(pos.shape[1]):
+                add_pair(acc, back[max(pos[n, k], 0)], pos, w, n, k)
+            x[n] += acc
 
     @numba.njit(**opts)
     def weighted_bf16(x, back, pos, w):
-        """The same with ``back`` `[S, H]` BF16 bits (uint16), each widened exactly."""
-        N, K = pos.shape
-        H = x.shape[1]
-        acc = np.empty(H, np.float32)
-        row = np.empty(H, np.float32)          # one returned row, widened (in L1)
+        """The same with ``back`` `[S, H]` BF16 bits (uint16), each row widened exactly."""
+        acc = np.empty(x.shape[1], np.float32)
+        row = np.empty(x.shape[1], np.float32)          # one returned row, widened (in L1)
         bits = row.view(np.uint32)
-        for n in range(N):
-            for k in range(K):
-                p = pos[n, k]
-                wk = w[n, k] if p >= 0 else np.float32(0.0)
-                p = p if p >= 0 else 0
-                for j in range(H):
-                    bits[j] = np.uint32(back[p, j]) << np.uint32(16)
-                if k == 0:
-                    for j in range(H):
-                        acc[j] = row[j] * wk
-                else:
-                    for j in range(H):
-                        acc[j] = acc[j] + row[j] * wk
-            for j in range(H):
-                x[n, j] = x[n, j] + acc[j]
+        for n in range(pos.shape[0]):
+            for k in range(pos.shape[1]):
+                src = back[max(pos[n, k], 0)]
+                for j in range(bits.shape[0]):
+                    bits[j] = np.uint32(src[j]) << np.uint32(16)
+                add_pair(acc, row, pos, w, n, k)
+            x[n] += acc
 
     return {"gather_round": gather_round,
             "weighted_f32": weighted_f32, "weighted_bf16": weighted_bf16}

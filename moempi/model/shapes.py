@@ -14,9 +14,13 @@ MLP_KINDS = ("plain", "gated")     # act(h @ w_in) @ w_out | (act(h @ w_gate) * 
 ROUTERS = ("softmax", "sigmoid")   # Mixtral/Qwen/moempi | DeepSeek-V3 (docs/design.md §1)
 
 
+# an MLP's matrices by kind, in the order of an expert's weight tuple (model/stack.py)
+MLP_MATRICES = {"plain": ("w_in", "w_out"), "gated": ("w_in", "w_out", "w_gate")}
+
+
 def mlp_matrices(kind: str) -> int:
     """Matrices of an MLP of ``kind`` (MLP_KINDS): plain 2 (w_in, w_out), gated 3 (+ w_gate)."""
-    return 3 if kind == "gated" else 2
+    return len(MLP_MATRICES[kind])
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,7 @@ class MicroBatch:
         self.layer = 0
         self.steps = self._forward()
         self._clock = 0.0
+        self._shared_out = None      # [n, H] the current layer's shared-expert output
 
     def _forward(self):
         ctx, meta = self.ctx, self.ctx.weights.meta
@@ -216,15 +217,13 @@ class MicroBatch:
             topk_idx, topk_weights, dest_rank, self.ctx.tp, self.xp)
         plan = yield from self._exchange("dispatch", ex.plan(pair_idx, pair_dest,
                                                              sorted(layer.experts)))
-        shared = []            # the shared expert's output, computed while the dispatch flies
         recv = yield from self._exchange("dispatch", ex.dispatch(plan, h),
-                                         lambda: shared.append(self._shared_expert(layer, h)))
+                                         lambda: self._shared_expert(layer, h))
         y = self._experts(layer, plan, recv, ex)
         back = yield from self._exchange("combine", ex.combine(plan, y))
         t = time.perf_counter()
         ex.add_weighted(x, back, plan, pair_weights)
-        if shared[0] is not None:
-            x += shared[0]
+        self._add_shared(x)
         self._compute(layer.index, t)
         return plan.send_counts, plan.num_recv, (plan.send_counts, plan.recv_counts)
 
@@ -235,9 +234,8 @@ class MicroBatch:
         nx = self.exchanger
         nodes, relays = nx.to_nodes(dest_rank)
         plan1 = yield from self._exchange("dispatch", nx.inter.plan(nodes, relays, [nx.node]))
-        shared = []            # the shared expert's output, computed while the dispatch flies
         rows = yield from self._exchange("dispatch", nx.inter.dispatch(plan1, h),
-                                         lambda: shared.append(self._shared_expert(layer, h)))
+                                         lambda: self._shared_expert(layer, h))
         routing = nx.routing(topk_idx, self.ctx.backend.to_host(topk_weights), dest_rank)
         meta = yield from self._exchange("dispatch", nx.meta.dispatch(plan1, routing))
         idx2, dest2, w2 = nx.on_this_node(meta)
@@ -253,8 +251,7 @@ class MicroBatch:
         back = yield from self._exchange("combine", nx.inter.combine(plan1, summed))
         t = time.perf_counter()
         nx.inter.add_weighted(x, back, plan1, np.ones(nodes.shape, np.float32))
-        if shared[0] is not None:
-            x += shared[0]
+        self._add_shared(x)
         self._compute(layer.index, t)
         traffic = plan1.send_counts + nx.world_ranks(plan2.send_counts)
         return traffic, plan2.num_recv, (plan1.send_counts, plan1.recv_counts)
@@ -273,10 +270,10 @@ class MicroBatch:
         m = layer.index - meta.num_dense_layers
         # the selection bias: the balancer's, which starts at the checkpoint's correction bias
         bias = backend.to_device(ctx.bias[m]) if ctx.bias[m].any() else None
-        if meta.router == "softmax" and meta.routed_scaling_factor == 1.0:
-            probs = gate_probs(h, layer.gate)            # (kept for capacity)
+        if ctx.capacity_factor > 0:      # (the unscaled softmax router only: runner.prepare)
+            probs = gate_probs(h, layer.gate)
             topk_idx, topk_weights = route(probs, meta.top_k, bias, meta.norm_topk_prob)
-        else:            # DeepSeek-V3's grouped sigmoid, or a scaled softmax (no capacity)
+        else:
             topk_idx, topk_weights = router(h, layer.gate, meta, bias)
         topk_idx = backend.to_host(topk_idx)            # the plan is built on the host
         if ctx.capacity_factor > 0:
@@ -330,35 +327,33 @@ class MicroBatch:
             while_in_flight()
         return result
 
-    def _shared_expert(self, layer, h):
+    def _shared_expert(self, layer, h) -> None:
         """The shared expert on this micro-batch's own tokens ``h`` `[n, H]` (no exchange),
-        times ``sigmoid(h @ shared_gate)`` where the model has that gate; None without one.
+        times ``sigmoid(h @ shared_gate)`` where the model has that gate, kept for
+        :meth:`_add_shared`; None without one.
 
         Run while the dispatch is in flight: on the CPU in pieces of ``chunk_rows`` rows
         with MPI progress between them, as the experts (so the same bits whatever the
         timing); on a GPU enqueued on the stream while MPI moves the rows.
         """
+        self._shared_out = None
         if layer.shared is None:
-            return None
-        meta, backend, xp = self.ctx.weights.meta, self.ctx.backend, self.xp
-        scheduler, chunk = self.ctx.scheduler, self.ctx.chunk_rows
+            return
+        xp = self.xp
         start = time.perf_counter()
-        ws = layer.shared
-        gate = ws[2] if len(ws) == 3 else None
         y = xp.empty(h.shape, dtype=xp.float32)
-        done = 0
-        while done < len(h):
-            take = piece_rows(len(h) - done, chunk, scheduler.poll)
-            part = slice(done, done + take)
-            out = y[part] if not backend.gpu else None
-            result = backend.mlp(h[part], ws[0], ws[1], meta.activation, out, w_gate=gate)
-            if result is not out:
-                y[part] = result
-            done += take
+        self._mlp_in_pieces(layer.shared, h, y, slice(0, len(h)))
         if layer.shared_gate is not None:
             y *= 1.0 / (1.0 + xp.exp(-(h @ layer.shared_gate)))        # [n, 1]
         self._compute(layer.index, start, "expert")
-        return y
+        self._shared_out = y
+
+    def _add_shared(self, x) -> None:
+        """Add the layer's shared-expert output (if any) to the tokens ``x``, after the
+        routed experts' weighted sum."""
+        if self._shared_out is not None:
+            x += self._shared_out
+            self._shared_out = None
 
     def _local_step(self, step, value):
         """Advance an exchange step; its local work (packing, not MPI calls) counts as compute."""
@@ -381,35 +376,41 @@ class MicroBatch:
         out as in one GEMM.  On a GPU an expert is
         one GEMM enqueued on the backend's stream, and the polls run while the GPU works.
         """
-        meta, backend = self.ctx.weights.meta, self.ctx.backend
-        scheduler, chunk = self.ctx.scheduler, self.ctx.chunk_rows
+        backend = self.ctx.backend
         start = time.perf_counter()
         y = exchanger.output_buffer(plan)
         if y is None:                   # float32, or BF16 rows for the wire (GPU, bf16)
             y = self.xp.empty(recv.shape, dtype=recv.dtype)
         for e, rows in plan.expert_slices():
-            ws = layer.experts[e]
-            w_in, w_out, w_gate = ws[0], ws[1], (ws[2] if len(ws) == 3 else None)
             if not isinstance(rows, slice):
                 rows = backend.index(rows)      # one host->device copy per expert, not per chunk
-            first, n = (rows.start, rows.stop - rows.start) if isinstance(rows, slice) \
-                else (0, len(rows))
-            done = 0
-            while done < n:
-                take = piece_rows(n - done, chunk, scheduler.poll)
-                if isinstance(rows, slice):      # a block of y: the GEMM writes it in place
-                    part = slice(first + done, first + done + take)
-                    out = y[part] if not backend.gpu else None
-                else:
-                    part, out = rows[done:done + take], None
-                result = backend.mlp(recv[part], w_in, w_out, meta.activation, out,
-                                     w_gate=w_gate)
-                if result is not out:
-                    y[part] = result
-                done += take
-            scheduler.poll()
+            self._mlp_in_pieces(layer.experts[e], recv, y, rows)
+            self.ctx.scheduler.poll()
         self._compute(layer.index, start, "expert")
         return y
+
+    def _mlp_in_pieces(self, weights: tuple, src, y, rows) -> None:
+        """``y[rows]`` = the MLP ``weights`` (an expert's tuple) of ``src[rows]``: ``rows`` a
+        slice (a block of ``y``, which the GEMM writes in place on the host) or an index
+        array; in pieces of ``chunk_rows`` while exchanges are in flight, with MPI progress
+        between them (:func:`piece_rows`: no piece but the last differs from the chunk)."""
+        meta, backend, scheduler = self.ctx.weights.meta, self.ctx.backend, self.ctx.scheduler
+        w_gate = weights[2] if len(weights) == 3 else None
+        first, n = (rows.start, rows.stop - rows.start) if isinstance(rows, slice) \
+            else (0, len(rows))
+        done = 0
+        while done < n:
+            take = piece_rows(n - done, self.ctx.chunk_rows, scheduler.poll)
+            if isinstance(rows, slice):
+                part = slice(first + done, first + done + take)
+                out = y[part] if not backend.gpu else None
+            else:
+                part, out = rows[done:done + take], None
+            result = backend.mlp(src[part], weights[0], weights[1], meta.activation, out,
+                                 w_gate=w_gate)
+            if result is not out:
+                y[part] = result
+            done += take
 
     def _record(self, m: int, topk_idx, dest_rank, traffic, rows_computed, exchange) -> None:
         """``traffic``: rows this rank sent to each rank of its replica; ``rows_computed`` by

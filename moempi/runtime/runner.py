@@ -165,6 +165,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                f"precision {cfg.run.precision}")
 
     backend = parallel.agree(world, make_backend, cfg.backend.name, world, cfg.backend.cuda_aware)
+    node_ranks = parallel.node_ranks(world)      # the ranks sharing this rank's node
     start, stop = split_rows(setup.num_tokens, world.size)[world.rank]   # this rank's tokens
     num_local, max_local = stop - start, -(-setup.num_tokens // world.size)
     # every rank's figure alike (the largest rank's tokens), so every rank makes one choice
@@ -183,7 +184,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     batch = cfg.pipeline.batch_tokens or max(1, max_local)
     host = cfg.run.host_memory_gb * 1e9
     if not host:                 # the node's available memory, shared by its ranks
-        host = (available_host_bytes() or 0) / parallel.node_ranks(world)
+        host = (available_host_bytes() or 0) / node_ranks
     if host:
         parallel.agree(world, check_host_memory, meta, layout.ep, min(batch, max_local),
                        2 if cfg.run.precision == "bf16" else 4, not backend.gpu, host, "run",
@@ -230,7 +231,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
     for m, layer in enumerate(l for l in weights.layers if l.index in moe_layers):
         if layer.score_bias is not None:     # DeepSeek-V3: the balancer starts from it
             balancer.bias[m] = layer.score_bias
-    gpus_per_node = placement.gpus_per_node or parallel.node_ranks(world)
+    gpus_per_node = placement.gpus_per_node or node_ranks
     if cfg.pipeline.dispatch == "node":
         parallel.root_call(world, check_node_dispatch, layout, backend, gpus_per_node)
     # the micro-batch count: the checkpoint's (the same arithmetic), the config's, 1 without
@@ -352,7 +353,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         peak = world.allreduce(peak_host_bytes(), op=MPI.MAX)
         # ranks against the cores they may run on (rank 0's node): `inspect` explains the
         # overlap % by it (MPI's copies and the other ranks' compute then share the cores)
-        node = {"ranks": parallel.node_ranks(world), "cores": len(os.sched_getaffinity(0))}
+        node = {"ranks": node_ranks, "cores": len(os.sched_getaffinity(0))}
         say(world, f"forward: {elapsed:.2f} s, {setup.num_tokens * (num_batches - done) / num_batches / max(elapsed, 1e-9):,.0f} tokens/s; "
                    f"peak host memory {peak / 2**20:,.0f} MiB (the largest rank); tuning cost "
                    f"{tuning_s:.2f} s ({tuning_s / max(elapsed, 1e-9):.1%} of the forward)")

@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from moempi.errors import MoempiError
 from moempi.io.hdf5 import SCORE_BIAS, ModelReader
-from moempi.model.shapes import ModelMeta
+from moempi.model.shapes import MLP_MATRICES, ModelMeta
 from moempi.model.stack import DenseLayer, MoeLayer, Weights
 from moempi.place.placement import Placement
 
@@ -35,11 +35,6 @@ _SLAB, _STOP = 11, 12
 def checksum(a: np.ndarray) -> int:
     """CRC-32 of an array's bytes (float32, as read: before any device copy)."""
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
-
-
-def expert_matrices(meta: ModelMeta) -> tuple[str, ...]:
-    """An expert's matrices in the order of its weight tuple (:class:`MoeLayer`)."""
-    return ("w_in", "w_out", "w_gate") if meta.expert_kind == "gated" else ("w_in", "w_out")
 
 
 def _shared_names(meta: ModelMeta) -> list[tuple[str, tuple]]:
@@ -54,7 +49,7 @@ def _shared_names(meta: ModelMeta) -> list[tuple[str, tuple]]:
             names.append((f"{g}/gate", (H, E)))
             if Fs:
                 names += [(f"{g}/shared/{n}", (Fs, H) if n == "w_out" else (H, Fs))
-                          for n in expert_matrices(meta)]
+                          for n in MLP_MATRICES[meta.expert_kind]]
             if meta.shared_expert_gate:
                 names.append((f"{g}/shared_gate", (H, 1)))
             if meta.has_score_bias:
@@ -80,7 +75,7 @@ def _assemble(meta, shared: dict, experts: dict, to_device, expert_to_device) ->
                     layer.experts[e] = tuple(expert_to_device(w) for w in ws)
             if meta.shared_ffn_size:     # computed like an expert, on every rank
                 layer.shared = tuple(expert_to_device(shared[f"{g}/shared/{n}"])
-                                     for n in expert_matrices(meta))
+                                     for n in MLP_MATRICES[meta.expert_kind])
             if meta.shared_expert_gate:
                 layer.shared_gate = to_device(shared[f"{g}/shared_gate"])
             if meta.has_score_bias:
@@ -126,8 +121,8 @@ def load_weights(path: str, meta: ModelMeta, placement: Placement, ep_rank: int,
     with ModelReader(path) as reader:
         shared = {name: reader.read(name) for name, _ in _shared_names(meta)}
         cols = shard(meta, tp, tp_rank) if tp > 1 else slice(None)
-        gated = meta.expert_kind == "gated"
-        experts = {(l, e): reader.expert(l, e, cols, gated) for l in meta.moe_layers
+        names = MLP_MATRICES[meta.expert_kind]
+        experts = {(l, e): reader.expert(l, e, cols, names) for l in meta.moe_layers
                    for e in placement.experts_on(l, ep_rank)}
     table = _sums(shared, experts, tp, tp_rank) if sums else {}
     return _assemble(meta, shared, experts, to_device, expert_to_device), table
@@ -143,7 +138,7 @@ def load_weights_from_root(world: MPI.Comm, path: str, meta: ModelMeta, placemen
     comm = world.Dup()
     expert_to_device = expert_to_device or to_device
     H, F = meta.hidden_size, meta.moe_ffn_size // tp
-    matrices = expert_matrices(meta)
+    matrices = MLP_MATRICES[meta.expert_kind]
     replicas = world.size // (ep * tp)
     try:
         reader, error = None, None
@@ -198,7 +193,7 @@ def _send_experts(comm, reader, meta, placement, ep, tp, replicas, own: dict, wi
     """Rank 0's side: read each hosted expert matrix once, send each host its shard with at
     most ``window`` matrices in flight; returns the read error (the others are told to stop)."""
     in_flight: deque = deque()           # (requests, matrix) of the matrices being sent
-    matrices = expert_matrices(meta)
+    matrices = MLP_MATRICES[meta.expert_kind]
     pending = {r: sum(len(matrices) * len(placement.experts_on(l, (r // tp) % ep))
                       for l in meta.moe_layers) for r in range(1, comm.size)}
     try:
