@@ -160,3 +160,10 @@ def test_bench_full_quick():
     rows, *pieces = parts.groups()
     assert int(rows) >= 64 * 8 * 2 // 2 * 0.5       # about tokens x top-8 per rank
     assert sum(map(float, pieces)) <= layer * 1.05 + 0.5
+
+
+def test_bench_job_refuses_to_run_under_mpiexec(tmp_path):
+    """Under mpiexec every rank would launch the same jobs: one line, non-zero exit."""
+    proc = mpirun(2, "bench", "job", "--quick", cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0 and "run it without mpiexec" in proc.stderr
+    assert not (tmp_path / "work").exists()

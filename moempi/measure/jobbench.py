@@ -101,6 +101,10 @@ def bench_job(echo, ranks: int = 2, quick: bool = False, repeats: int = 2,
     """Each shape's job: the automatic count and each ``fixed`` count, ``repeats`` times in
     alternation (best of), against the sum of its layers' GEMM floors.  ``quick``: one
     small shape, once, fixed counts 1 and 2 (for tests)."""
+    launched = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+    if launched > 1:           # every rank would launch the same jobs on the same cores
+        raise MoempiError(f"bench job launches its own {ranks}-rank jobs: run it without "
+                          f"mpiexec (this is one of {launched} ranks)")
     if quick:
         repeats, fixed = 1, (1, 2)
     where = Path(folder)
