@@ -105,8 +105,16 @@ def test_forward_time_figures():
     assert moe[0].dispatch_inter_s == pytest.approx(inter)
     assert moe[0].blocking_s == pytest.approx(expert + gate + 2 * inter + 3e-4)
     assert fc.forward_s == pytest.approx(3 * 4096 * 4 * 7168 * 18432 / 240e12 + 58 * moe[0].blocking_s)
-    auto = forward_time(DSV3, SEED, Layout(ep=256, tokens_per_gpu=4096))
+    # auto: the run's tuner rules.  One batch of 58 MoE layers has a budget (2 % of its MoE
+    # work, 1.16 layers) below one trial's prior (3 layers): the run keeps 1, and so does plan
+    one = forward_time(DSV3, SEED, Layout(ep=256, tokens_per_gpu=4096))
+    assert one.moe_layers[0].micro_batches == 1 and one.tuning_s == 0.0
+    assert "budget" in one.tuning["reason"]
+    # a job of 100 such batches tries counts and keeps a faster one, within its budget
+    auto = forward_time(DSV3, SEED, Layout(ep=256, tokens_per_gpu=4096), batches=100)
     assert auto.forward_s < fc.forward_s and auto.moe_layers[0].micro_batches > 1
+    moe_work = 58 * 100 * auto.tuning["tried"][1]
+    assert 0 < auto.tuning_s <= 0.02 * moe_work
     fp32 = forward_time(DSV3, SEED, Layout(ep=256, micro_batches=1, precision="fp32"))
     assert fp32.moe_layers[0].dispatch_s == pytest.approx(2 * fc.moe_layers[0].dispatch_s)
 
@@ -241,7 +249,13 @@ def test_dp_and_tp_scale_gpus_not_per_gpu_time():
     assert dp.tokens_per_s == pytest.approx(4 * base.tokens_per_s)
     tp = forward_time(DSV3, SEED, Layout(ep=32, tp=2, micro_batches=2))
     assert tp.memory["experts"] == base.memory["experts"] // 2
-    assert tp.moe_layers[0].dispatch_intra_s > base.moe_layers[0].dispatch_intra_s  # TP gather
+    # as the run does it: each pair to both shards of its expert's slot, a partial row back
+    # from each.  A GPU's rows to each of the 64 GPUs: T*K/32, so its node's 8 GPUs send
+    # 8 * 56 / 32 T*K across the uplink (14 T*K) against 8 * 24 / 32 (6 T*K) without TP
+    assert tp.moe_layers[0].dispatch_inter_s == pytest.approx(
+        14 / 6 * base.moe_layers[0].dispatch_inter_s)
+    assert tp.moe_layers[0].dispatch_intra_s == pytest.approx(base.moe_layers[0].dispatch_intra_s)
+    assert tp.moe_layers[0].compute_s == pytest.approx(base.moe_layers[0].compute_s)
 
 
 def test_fixed_cost_per_micro_batch_lowers_the_count():
@@ -296,14 +310,15 @@ def test_calibration_samples_roundtrip(tmp_path):
                                         samples={2: rows})
     cal.save(str(tmp_path / "c.json"))
     assert Calibration.load(str(tmp_path / "c.json")) == cal
-    assert dict(cal.samples)[2] == tuple(rows)
+    assert dict(cal.samples)[2] == tuple(r + (0.0,) * 3 for r in rows)   # later figures: 0
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["samples"]["2"][1]["first_touch_s"] == 4e-8
     del data["samples"], data["cpu"]["2"]["dense_elem_s"], data["cpu"]["2"]["dense_touch_s"]
-    del data["cpu"]["2"]["first_touch_head"]
+    del data["cpu"]["2"]["first_touch_head"], data["cpu"]["2"]["copy_elem_s"]
+    del data["cpu"]["2"]["copy_bf16_elem_s"], data["cpu"]["2"]["overlap_micro_s"]
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = Calibration.load(str(tmp_path / "old.json"))
-    assert old.samples == () and old.cpu == ((2, 8e10, 2e10, 1e-8, 1e-4, 2e-8, 0.0, 0.0, 0.0),)
+    assert old.samples == () and old.cpu == ((2, 8e10, 2e10, 1e-8, 1e-4, 2e-8) + (0.0,) * 6,)
 
 
 def test_dense_elementwise_and_first_touch_terms():
@@ -322,7 +337,7 @@ def test_dense_elementwise_and_first_touch_terms():
     assert extra[3:] == [0.0] * (meta.num_layers - 3)
     seed = Hardware.from_topology(Topology())
     assert seed.dense_elem_s == seed.dense_touch_s == 0.0
-    fc = forward_time(PRESETS["deepseek-v3"], seed, Layout(ep=256))
+    fc = forward_time(PRESETS["deepseek-v3"], seed, Layout(ep=256, micro_batches=3))
     assert fc.forward_s * 1e3 == pytest.approx(192.5, abs=0.05)
 
 
@@ -358,3 +373,56 @@ def test_host_memory_counts_the_bf16_codec():
     weights = need(4, True) - need(4, False)
     codec = T * meta.hidden_size * (meta.top_k * 4 + 2)
     assert need(2, True) - need(2, False) == weights + codec
+
+
+def test_tuner_rules_simulated_as_the_run_applies_them():
+    """plan's auto count follows `moempi run`'s tuner (moempi.runtime.tune.tuned_batch):
+    climb while faster by 2 %, within 2 % of the job's MoE work, one layer per trial."""
+    from moempi.perf.tuning import PRIOR, candidates, simulate
+    times = {1: 10.0, 2: 8.0, 3: 7.0, 4: 7.5, 6: 6.0}.get          # falls, then rises at 4
+    chosen, cost, tried, reason = simulate(times, [1, 2, 3, 4, 6], 50, 10_000)
+    assert chosen == 3 and list(tried) == [1, 2, 3, 4] and "no faster" in reason
+    assert cost == pytest.approx((10 - 7) + (8 - 7) + 0 + (7.5 - 7))
+    # a short job: the budget (2 % of 20 layers = 0.4 layer) is below one trial's prior
+    assert simulate(times, [1, 2, 3], 19, 20)[:2] == (1, 0.0)
+    assert 0.02 * 20 < PRIOR
+    # no layer left for a trial: the seed's layer only
+    assert simulate(times, [1, 2], 1, 10_000)[2] == {1: 10.0}
+    assert candidates(40, 16) == [1, 2]               # no micro-batch under 16 rows
+
+
+def test_tensor_parallel_traffic_is_the_runs_partial_rows():
+    """With tp = 2 the run sends each pair to both shards of its slot and gets a partial row
+    back from each (runtime.pipeline.tensor_parallel_pairs): 4 GPUs (2 slots x 2 shards),
+    T = 100, K = 2, uniform: every GPU sends T*K*tp/4 = 100 rows to every GPU."""
+    from moempi.perf.analytic import traffic_from_rows
+    t = traffic_from_pairs(uniform_pairs(2, 2, 100, 2), 2, 4, "measured")
+    assert t.offrank_pairs == pytest.approx(300)              # 3 other GPUs x 100 rows
+    assert t.copied_rows == pytest.approx(800)                # 400 sent + 400 received
+    assert t.compute_pairs == pytest.approx(200)              # 400 half-width rows = T*K
+    # the same loads from the row matrix a run records (/stats/traffic)
+    same = traffic_from_rows(np.full((4, 4), 100.0), None, 2, 4, "measured")
+    assert (same.offrank_pairs, same.copied_rows, same.compute_pairs) == \
+        pytest.approx((300, 800, 200))
+    # a shard's GEMM runs at its own shape's rate (F / tp)
+    hw = Hardware(gemm_flops=1e11, latency_s=0.0, intra_Bps=1e10, inter_Bps=1e10,
+                  link="measured", gpus_per_node=4, memory_bytes=1e12,
+                  gemm_shapes=((512, 512, 1.25), (512, 1024, 1.0),
+                               (1024, 512, 1.25), (1024, 1024, 1.0)))
+    assert hw.rate(512, 512) == pytest.approx(1.25e11)
+    assert hw.rate(512, 724) == pytest.approx(1e11 * (1.25 - 0.25 * np.log2(724 / 512)))
+    assert hw.rate(4096, 64) == pytest.approx(1.25e11)       # clamped to the grid
+
+
+def test_host_overlap_hides_no_bandwidth():
+    """On calibrated host hardware the ranks' cores copy the exchange: overlapped = compute +
+    exchange + one fill's latencies + m * overlap_micro_s (datasheet GPUs: the pipeline)."""
+    from moempi.perf.analytic import layer_time
+    meta = PRESETS["small"]
+    hw = Hardware(gemm_flops=1e10, latency_s=1e-5, intra_Bps=1e9, inter_Bps=1e9,
+                  link="measured", gpus_per_node=2, memory_bytes=1e12, overlap_micro_s=1e-4)
+    t = traffic_from_pairs(uniform_pairs(2, 1, 512, 2), 1, 2, "measured")
+    lt = layer_time(meta, hw, t, 512, 4, 4, 3)
+    assert lt.overlapped_s == pytest.approx(lt.compute_s + 2 * lt.dispatch_s + 3e-5 + 4e-4)
+    gpu = dataclasses.replace(hw, link="fat-tree")
+    assert layer_time(meta, gpu, t, 512, 4, 4, 3).overlapped_s < lt.overlapped_s

@@ -165,9 +165,17 @@ def describe(meta: ModelMeta, name: str, fc: Forecast) -> str:
     if moe and moe[0].shared_s:
         lines.append(f"shared    {moe[0].shared_s * 1e3:.3f} ms per MoE layer on every GPU (in "
                      "compute), each micro-batch's share while its dispatch is in flight")
-    if moe:
-        how = "auto: minimises the MoE layer time" if lo.micro_batches == 0 else "given"
-        lines.append(f"micro-batches {moe[0].micro_batches} ({how})")
+    if moe and fc.tuning:
+        t = fc.tuning
+        lines.append(f"micro-batches {moe[0].micro_batches} (auto, as `moempi run` chooses on its "
+                     f"first batch: {t['reason']}; tuning cost {fc.tuning_s * 1e3:.1f} ms)")
+        if t["best"] != moe[0].micro_batches:
+            lines.append(f"          the model's best count is {t['best']}: MoE layers "
+                         f"{t['best_moe_s'] * 1e3:.1f} ms instead of {t['chosen_moe_s'] * 1e3:.1f} "
+                         f"ms; set pipeline.micro_batches = {t['best']} (or run more batches: "
+                         "--batches)")
+    elif moe:
+        lines.append(f"micro-batches {moe[0].micro_batches} (given)")
     return "\n".join(lines)
 
 
@@ -221,7 +229,7 @@ def _load_model(model: str | None, preset: str) -> tuple[ModelMeta, str]:
 
 def run_plan(meta: ModelMeta, topo: Topology, layout: Layout, calibration: Calibration | None = None,
              placement: Placement | None = None, trace=None, max_micro_batches: int = 16,
-             source: str = "seed") -> Forecast:
+             source: str = "seed", batches: int = 1) -> Forecast:
     """One forecast: hardware from the calibration (at ``ep * tp`` ranks) or the topology;
     traffic from the trace, else the placement, else uniform routing."""
     hw = (calibration.hardware(layout.ep * layout.tp, topo) if calibration
@@ -240,7 +248,7 @@ def run_plan(meta: ModelMeta, topo: Topology, layout: Layout, calibration: Calib
             traffic = trace_traffic(meta, *trace, placement, layout, hw.gpus_per_node, hw.link)
         else:
             traffic = placement_traffic(meta, placement, layout, hw.gpus_per_node, hw.link)
-    return forward_time(meta, hw, layout, traffic, max_micro_batches)
+    return forward_time(meta, hw, layout, traffic, max_micro_batches, batches)
 
 
 def _validate(paths, hardware_path, topology_path, json_path) -> None:
@@ -305,8 +313,12 @@ Examples:
 @click.option("--tokens-per-gpu", type=int, default=4096, show_default=True,
               help="Tokens resident on each GPU per forward pass.")
 @click.option("--micro-batches", default="auto", show_default=True,
-              help="Micro-batches per MoE layer, or 'auto' for the count minimising the layer "
-                   "time given latency.")
+              help="Micro-batches per MoE layer; 'auto': the count `moempi run` would choose "
+                   "(its tuner's rules on the model's layer times, within 2 %% of the job's "
+                   "MoE work: see --batches); 'best': the count minimising the MoE layers' time.")
+@click.option("--batches", type=int, default=1, show_default=True,
+              help="Batches of --tokens-per-gpu the job runs (pipeline.batch_tokens): the "
+                   "tuner's budget for --micro-batches auto grows with them.")
 @click.option("--max-micro-batches", type=int, default=16, show_default=True,
               help="Upper bound for --micro-batches auto.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16",
@@ -330,7 +342,7 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the figures as JSON to this file ('-' for stdout).")
 def plan(model, preset, topology_path, hardware_path, ep, tp, dp, tokens_per_gpu, micro_batches,
-         max_micro_batches, precision, dispatch, placement_path, trace_path, sweep,
+         batches, max_micro_batches, precision, dispatch, placement_path, trace_path, sweep,
          validate_paths, json_path):
     try:
         if validate_paths:
@@ -344,26 +356,33 @@ def plan(model, preset, topology_path, hardware_path, ep, tp, dp, tokens_per_gpu
         if ep is None:
             ep = (max(topo.num_gpus // max(tp * dp, 1), 1) if topology_path
                   else meta.num_experts)
-        if micro_batches == "auto":
+        if micro_batches in ("auto", "best"):
             mb = 0
         else:
             try:
                 mb = int(micro_batches)
             except ValueError:
-                raise MoempiError(f"--micro-batches: expected a count or 'auto', "
+                raise MoempiError(f"--micro-batches: expected a count, 'auto' or 'best', "
                                   f"got {micro_batches!r}") from None
             if mb < 1:
                 raise MoempiError(f"--micro-batches: must be >= 1 or 'auto', got {mb}")
         if max_micro_batches < 1:
             raise MoempiError("--max-micro-batches: must be >= 1")
+        if batches < 1:
+            raise MoempiError("--batches: must be >= 1")
         base = Layout(ep=ep, tp=tp, dp=dp, tokens_per_gpu=tokens_per_gpu, micro_batches=mb,
                       precision=precision, dispatch=dispatch)
         placement = (Placement.load(placement_path, meta.moe_layers) if placement_path else None)
         trace = read_trace(trace_path, meta) if trace_path else None
 
         def one(layout: Layout) -> Forecast:
-            return run_plan(meta, topo, layout, calibration, placement, trace,
-                            max_micro_batches, source)
+            fc = run_plan(meta, topo, layout, calibration, placement, trace,
+                          max_micro_batches, source, batches)
+            if micro_batches == "best" and fc.tuning:
+                fc = run_plan(meta, topo, dataclasses.replace(layout,
+                                                              micro_batches=fc.tuning["best"]),
+                              calibration, placement, trace, max_micro_batches, source)
+            return fc
 
         if sweep:
             key, values = _parse_sweep(sweep)

@@ -32,6 +32,9 @@ class RunSection:
     overwrite: bool = False          # replace an existing output file
     weights: str = "each"            # "each": every rank reads its own slabs (the file on every
                                      # node); "rank0": rank 0 reads the model and sends each slab
+    calibration: str = ""            # calibration JSON (`moempi bench calibrate`) whose figures
+                                     # predict the run beside its measurement; "" = the run's
+                                     # own start-up probes (GEMMs and wire only)
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,7 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
         for _ in range(repeats):
             for mode, k in kernels.items():
                 backend.kernels = k
-                took, mpi = _exchange_once(comm, ex, plan, x, residual, topk_weights)
+                took, mpi = exchange_once(comm, ex, plan, x, residual, topk_weights)
                 best[mode] = min(best[mode], (took, mpi))
             comm.Barrier()
             t = time.perf_counter()
@@ -246,7 +246,7 @@ def bench_exchange(comm, shape: Shape, echo, precision: str = "fp32", repeats: i
     return result
 
 
-def _exchange_once(comm, ex, plan, x, residual, topk_weights) -> tuple[float, float]:
+def exchange_once(comm, ex, plan, x, residual, topk_weights) -> tuple[float, float]:
     """One blocking dispatch + combine with the weighted sum; (seconds, of which in MPI)."""
     comm.Barrier()
     mpi0 = ex.mpi_seconds

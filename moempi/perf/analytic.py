@@ -13,6 +13,8 @@ from moempi.io.readers import read_json
 from moempi.io.topology import Topology
 from moempi.model.shapes import ModelMeta
 from moempi.perf.memory import experts_per_gpu, memory_per_gpu, smallest_fitting_tp
+from moempi.perf.tuning import candidates
+from moempi.perf.tuning import simulate as simulate_tuning
 
 # FLOPs of one (token, expert) pair in the expert MLP act(h @ Win) @ Wout: two GEMMs of
 # H x F, 2 FLOPs per multiply-add (Kaplan et al. 2020, "Scaling Laws", C_forward = 2N); a
@@ -46,7 +48,7 @@ CALIBRATION_FORMAT = "moempi-calibration"
 # one calibration process's figures at one rank count (Calibration.samples)
 SAMPLE_FIELDS = ("latency_s", "bandwidth_Bps", "gemm_flops", "weight_Bps", "token_elem_s",
                  "micro_batch_s", "first_touch_s", "dense_elem_s", "dense_touch_s",
-                 "first_touch_head")
+                 "first_touch_head", "copy_elem_s", "copy_bf16_elem_s", "overlap_micro_s")
 CPU_FIELDS = SAMPLE_FIELDS[2:]     # a Calibration.cpu row after its rank count
 CALIBRATION_VERSION = 1
 
@@ -81,6 +83,21 @@ class Hardware:
                                # [T, Fd] (see dense_layer_time)
     dense_touch_s: float = 0.0  # s per token per (H + Fd) element the first dense layer of a
                                 # fresh process's first pass adds: its temporaries paged in
+    copy_elem_s: float = 0.0   # s per element of the exchange's local copies, fp32 wire: per
+                               # row sent or received, H elements (gather into the send
+                               # buffer, weighted sum of the returned rows; measured alone)
+    copy_bf16_elem_s: float = 0.0   # the same with BF16 on the wire (rounding and widening)
+    overlap_micro_s: float = 0.0    # s per micro-batch per MoE layer that the overlapped
+                                    # exchange costs beyond the blocking one on a host whose
+                                    # cores do the MPI copies (chunked GEMMs, polls, interleaved
+                                    # micro-batches); measured link only
+    gemm_shapes: tuple = ()    # ((H, F, factor), ...): the expert MLP's rate at shape (H, F)
+                               # over its rate at the calibration's shape, measured; () = 1
+
+    def rate(self, hidden: int, ffn: int) -> float:
+        """The GEMM rate of an MLP of shape (H, F): ``gemm_flops`` x the measured factor of
+        that shape (bilinear in log2 H, log2 F between the measured shapes, clamped)."""
+        return self.gemm_flops * shape_factor(self.gemm_shapes, hidden, ffn)
 
     @classmethod
     def from_topology(cls, topo: Topology, source: str = "topology") -> "Hardware":
@@ -92,6 +109,19 @@ class Hardware:
                    inter_Bps=topo.inter_node_bandwidth_gbs * 1e9 * topo.utilisation,
                    link=topo.link, gpus_per_node=topo.gpus_per_node,
                    memory_bytes=topo.gpu_memory_gb * 1e9, source=source)
+
+
+def shape_factor(table, hidden: int, ffn: int) -> float:
+    """``table`` ``((H, F, factor), ...)`` on a full grid of H x F, at ``(hidden, ffn)``:
+    bilinear in (log2 H, log2 F), clamped to the grid; 1 for an empty table."""
+    if not table:
+        return 1.0
+    hs = sorted({h for h, _, _ in table})
+    fs = sorted({f for _, f, _ in table})
+    grid = {(h, f): v for h, f, v in table}
+    lf = np.log2(fs)
+    by_h = [float(np.interp(math.log2(max(ffn, 1)), lf, [grid[h, f] for f in fs])) for h in hs]
+    return float(np.interp(math.log2(max(hidden, 1)), np.log2(hs), by_h))
 
 
 @dataclass(frozen=True)
@@ -119,13 +149,18 @@ class Calibration:
     alltoall: tuple[tuple[int, float, float], ...]
     cpu: tuple[tuple[float, ...], ...] = ()       # (num_ranks, *CPU_FIELDS) rows
     samples: tuple[tuple[int, tuple[tuple[float, ...], ...]], ...] = ()
+    # ((H, F, (factor, ...)), ...): each calibration process's measured expert-MLP rate at
+    # (H, F) over its rate at the calibration shape (measure.validate.measure_shapes); the
+    # model uses the median per shape (Hardware.gemm_shapes)
+    gemm_shapes: tuple = ()
 
     @classmethod
     def from_measurements(cls, gemm_flops: float, alltoall: dict[int, tuple[float, float]],
                           machine: str, gemm_dtype: str = "float32",
                           cpu: dict[int, tuple] | None = None,
                           samples: dict[int, list] | None = None,
-                          source: str = "calibration") -> "Calibration":
+                          source: str = "calibration",
+                          gemm_shapes: dict | None = None) -> "Calibration":
         """``alltoall`` maps a rank count to ``(latency_s, bandwidth_Bps per rank)``; ``cpu``
         a rank count to ``(gemm_flops, weight_Bps, token_elem_s, micro_batch_s[,
         first_touch_s, dense_elem_s, dense_touch_s, first_touch_head])`` (0 those left out);
@@ -137,8 +172,10 @@ class Calibration:
                                 for n, v in (cpu or {}).items()))
         sample_rows = tuple(sorted((int(n), tuple(_padded(r, len(SAMPLE_FIELDS)) for r in v))
                                    for n, v in (samples or {}).items() if len(v)))
+        shapes = tuple(sorted((int(h), int(f), tuple(map(float, v)))
+                              for (h, f), v in (gemm_shapes or {}).items() if len(v)))
         return cls(str(machine), float(gemm_flops), str(gemm_dtype), rows, cpu_rows,
-                   sample_rows).validate(source)
+                   sample_rows, shapes).validate(source)
 
     def validate(self, source: str = "calibration") -> "Calibration":
         if not self.gemm_flops > 0:
@@ -175,10 +212,11 @@ class Calibration:
     def hardware(self, num_ranks: int, topo: Topology) -> Hardware:
         """Measured figures at ``num_ranks``; GPUs per node and memory from ``topo``."""
         latency, bandwidth = self.alltoall_at(num_ranks)
+        shapes = tuple((h, f, float(np.median(v))) for h, f, v in self.gemm_shapes)
         return Hardware(latency_s=latency, intra_Bps=bandwidth,
                         inter_Bps=bandwidth, link="measured", gpus_per_node=topo.gpus_per_node,
                         memory_bytes=topo.gpu_memory_gb * 1e9, source=f"calibration: {self.machine}",
-                        **dict(zip(CPU_FIELDS, self.cpu_at(num_ranks))))
+                        gemm_shapes=shapes, **dict(zip(CPU_FIELDS, self.cpu_at(num_ranks))))
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
@@ -190,7 +228,9 @@ class Calibration:
                    if self.cpu else {}),
                 **({"samples": {str(n): [dict(zip(SAMPLE_FIELDS, r)) for r in rows]
                                 for n, rows in self.samples}}
-                   if self.samples else {})}
+                   if self.samples else {}),
+                **({"gemm_shapes": {f"{h}x{f}": list(v) for h, f, v in self.gemm_shapes}}
+                   if self.gemm_shapes else {})}
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -215,10 +255,12 @@ class Calibration:
                    for n, v in data.get("cpu", {}).items()}
             samples = {int(n): [tuple(float(r.get(k, 0.0)) for k in SAMPLE_FIELDS) for r in v]
                        for n, v in data.get("samples", {}).items()}
+            shapes = {tuple(int(x) for x in k.split("x")): [float(f) for f in v]
+                      for k, v in data.get("gemm_shapes", {}).items()}
             return cls.from_measurements(float(data["gemm_flops"]), alltoall,
                                          str(data.get("machine", "")),
                                          str(data.get("gemm_dtype", "float32")),
-                                         cpu, samples, source=path)
+                                         cpu, samples, source=path, gemm_shapes=shapes)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MoempiError(f"{path}: needs gemm_flops and alltoall "
                               "{ranks: {latency_s, bandwidth_Bps}}") from None
@@ -240,44 +282,53 @@ def _interp_rows(rows, num_ranks: int) -> tuple[float, ...]:
 # -- traffic ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Traffic:
-    """One MoE layer's loads at the plan's batch, in (token, expert) pairs.
+    """One MoE layer's loads at the plan's batch, per GPU, in rows of ``H`` elements.
 
-    Built from a slot-to-slot pair matrix (``ep`` expert-parallel slots of ``tp`` GPUs each,
-    ``gpus_per_node // tp`` slots per node, node-major); "per GPU" divides a slot by ``tp``.
+    Built from a GPU-to-GPU row matrix (:func:`traffic_from_rows`): what the exchange moves.
+    With tensor parallelism (``tp`` GPUs per expert-parallel slot) the run sends each
+    (token, expert) pair to every shard of its expert's slot and each shard returns a
+    partial row, summed at the token's home in the combine
+    (:func:`moempi.runtime.pipeline.tensor_parallel_pairs`): a pair is ``tp`` rows each
+    way, and a shard's row costs ``1 / tp`` of the expert's FLOPs.
     """
 
-    compute_pairs: float       # max over GPUs of pairs computed, in full-expert equivalents
+    compute_pairs: float       # max over GPUs of rows computed / tp (full-expert equivalents)
     mean_compute_pairs: float  # the same, mean over GPUs (skew = max / mean)
-    intra_pairs: float         # max over GPU ports: same-node, other-slot pairs, max(sent, recv)
+    intra_pairs: float         # max over GPU ports: same-node rows to/from other GPUs, max(sent, recv)
     inter_pairs: float         # max over inter-node links (fat-tree: node uplink; direct: pair)
-    offrank_pairs: float       # max over GPUs: pairs sent to / received from other slots
-    tp_pairs: float            # per GPU: pairs all-gathered inside its TP group (intra-node)
+    offrank_pairs: float       # max over GPUs: rows sent to / received from other GPUs
     node_share: float = 0.0    # node dispatch: crossing rows / crossing pairs (one row per
                                # token and remote node); 0 = not known (uniform formula)
+    copied_rows: float = 0.0   # max over GPUs of rows sent + rows received, its own included:
+                               # the exchange's local copies (pack, decode, weighted sum)
+    exchanged: bool = False    # rows as a run's exchange moved them (node dispatch's two
+                               # stages included): forward_time applies no node formula
 
     @property
     def skew(self) -> float:
         return self.compute_pairs / self.mean_compute_pairs if self.mean_compute_pairs else 1.0
 
 
-def traffic_from_pairs(pairs: np.ndarray, tp: int, gpus_per_node: int, link: str) -> Traffic:
-    """Loads of a pair matrix ``pairs`` `[ep, ep]` float (row: sending slot, column: computing slot).
+def traffic_from_rows(rows: np.ndarray, computed: np.ndarray | None, tp: int,
+                      gpus_per_node: int, link: str, exchanged: bool = True) -> Traffic:
+    """Loads of a GPU-to-GPU row matrix ``rows`` `[P, P]` (row: sender, column: receiver;
+    a run's ``/stats/traffic`` layer) with ``computed`` `[P]` rows each GPU's experts
+    computed (None: the column sums, as direct dispatch computes what it receives).
 
-    Fat-tree: each node has one uplink to the switch, so a link carries the node's whole
-    off-node traffic (out or in, whichever is larger).  Direct: one link per node pair
-    carries only that pair's traffic, both ways.
+    Fat-tree: each node (``gpus_per_node`` consecutive GPUs) has one uplink to the switch,
+    so a link carries the node's whole off-node traffic (out or in, whichever is larger).
+    Direct: one link per node pair carries only that pair's traffic, both ways.
     """
-    ep = pairs.shape[0]
-    spn = max(gpus_per_node // tp, 1)                   # slots per node
-    node = np.arange(ep) // spn
+    P = rows.shape[0]
+    node = np.arange(P) // max(gpus_per_node, 1)
     same = node[:, None] == node[None, :]
-    off = pairs * ~np.eye(ep, dtype=bool)
+    off = rows * ~np.eye(P, dtype=bool)
     intra = np.where(same, off, 0.0)
-    recv = pairs.sum(axis=0)                            # [ep] pairs computed per slot
+    done = rows.sum(axis=0) if computed is None else np.asarray(computed, float)
     n_nodes = int(node[-1]) + 1
     if n_nodes > 1:
-        onehot = (node[:, None] == np.arange(n_nodes)[None, :]).astype(float)   # [ep, nodes]
-        by_node = onehot.T @ pairs @ onehot                # [nodes, nodes] pairs node -> node
+        onehot = (node[:, None] == np.arange(n_nodes)[None, :]).astype(float)   # [P, nodes]
+        by_node = onehot.T @ rows @ onehot                 # [nodes, nodes] rows node -> node
         np.fill_diagonal(by_node, 0.0)
         if link == "direct":
             inter = float(np.maximum(by_node, by_node.T).max())
@@ -286,11 +337,21 @@ def traffic_from_pairs(pairs: np.ndarray, tp: int, gpus_per_node: int, link: str
     else:
         inter = 0.0
     return Traffic(
-        compute_pairs=float(recv.max()) / tp, mean_compute_pairs=float(recv.mean()) / tp,
-        intra_pairs=float(max(intra.sum(axis=1).max(), intra.sum(axis=0).max())) / tp,
+        compute_pairs=float(done.max()) / tp, mean_compute_pairs=float(done.mean()) / tp,
+        intra_pairs=float(max(intra.sum(axis=1).max(), intra.sum(axis=0).max())),
         inter_pairs=inter,
-        offrank_pairs=float(max(off.sum(axis=1).max(), off.sum(axis=0).max())) / tp,
-        tp_pairs=(tp - 1) * float(recv.max()) / tp)
+        offrank_pairs=float(max(off.sum(axis=1).max(), off.sum(axis=0).max())),
+        copied_rows=float((rows.sum(axis=1) + rows.sum(axis=0)).max()),
+        exchanged=exchanged)
+
+
+def traffic_from_pairs(pairs: np.ndarray, tp: int, gpus_per_node: int, link: str) -> Traffic:
+    """Loads of a slot-to-slot pair matrix ``pairs`` `[ep, ep]` float (row: sending slot, its
+    ``tp`` GPUs' tokens; column: computing slot), slots node-major, ``gpus_per_node // tp``
+    per node: as the run moves them, each of a slot GPU's pairs one row to every shard of
+    the destination slot (:class:`Traffic`), the slot's tokens even over its GPUs."""
+    rows = np.kron(pairs, np.ones((tp, tp))) / tp        # [(r, j), (s, i)] = pairs[r, s] / tp
+    return traffic_from_rows(rows, None, tp, gpus_per_node, link, exchanged=False)
 
 
 def uniform_node_share(nodes: int, top_k: int) -> float:
@@ -309,8 +370,13 @@ def by_node(traffic: Traffic, share: float, slots_per_node: int) -> Traffic:
     ``slots_per_node`` intra-node ports."""
     import dataclasses
     inter = traffic.inter_pairs * share
-    return dataclasses.replace(traffic, inter_pairs=inter,
-                               intra_pairs=traffic.intra_pairs + inter / slots_per_node)
+    per_gpu = traffic.inter_pairs / slots_per_node       # a GPU's crossing rows, direct
+    # a GPU's off-rank rows: its crossing rows deduplicated, and as many forwarded inside
+    # the node by the relays (stage 2); the extra stage adds as many local copies
+    return dataclasses.replace(
+        traffic, inter_pairs=inter, intra_pairs=traffic.intra_pairs + inter / slots_per_node,
+        offrank_pairs=traffic.offrank_pairs + (2 * share - 1) * per_gpu,
+        copied_rows=traffic.copied_rows + 2 * share * per_gpu)
 
 
 def uniform_pairs(ep: int, tp: int, tokens_per_gpu: int, top_k: int) -> np.ndarray:
@@ -436,6 +502,12 @@ class LayerTimes:
                 "hidden": self.hidden}
 
 
+def serial_time(lt: "LayerTimes") -> float:
+    """A layer run without overlap in ``m`` micro-batches, one after the other: compute (at m)
+    + exchange + ``phases * m`` latencies.  m = 1 is ``blocking_s``."""
+    return lt.compute_s + lt.dispatch_s + lt.combine_s + lt.latency_s
+
+
 def weight_stream_s(hw: Hardware, hidden: int, ffn: int, calls: int, matrices: int = 2) -> float:
     """Fixed cost of ``calls`` MLP calls: each streams its ``matrices * H * F`` weights (2
     plain, 3 gated; 0 if unmeasured)."""
@@ -461,7 +533,8 @@ def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: 
     """
     elems = tokens_per_gpu * (meta.hidden_size + meta.dense_ffn_size)
     Md = meta.dense_matrices
-    t = (tokens_per_gpu * 2 * Md * meta.hidden_size * meta.dense_ffn_size / hw.gemm_flops
+    t = (tokens_per_gpu * 2 * Md * meta.hidden_size * meta.dense_ffn_size
+         / hw.rate(meta.hidden_size, meta.dense_ffn_size)
          + weight_stream_s(hw, meta.hidden_size, meta.dense_ffn_size, micro_batches, Md)
          + elems * hw.dense_elem_s
          + (elems * hw.dense_touch_s if layer == 0 else 0.0))
@@ -471,37 +544,51 @@ def dense_layer_time(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int, layer: 
 def moe_exchange(meta: ModelMeta, hw: Hardware, traffic: Traffic, wire_bytes: int) -> tuple:
     """(intra_s, inter_s) bandwidth time of one dispatch: pairs x H x wire bytes over the link.
 
-    Measured hardware has one per-rank Alltoallv bandwidth: the busiest rank's off-rank pairs
-    (plus its TP gather) over it, reported as intra, with no separate inter-node figure.
+    Measured hardware has one per-rank Alltoallv bandwidth: the busiest rank's off-rank rows
+    over it, reported as intra, with no separate inter-node figure.
     """
     row = meta.hidden_size * wire_bytes                 # bytes of one token's hidden on the wire
     if hw.link == "measured":
-        return (traffic.offrank_pairs + traffic.tp_pairs) * row / hw.intra_Bps, 0.0
-    return ((traffic.intra_pairs + traffic.tp_pairs) * row / hw.intra_Bps,
+        return traffic.offrank_pairs * row / hw.intra_Bps, 0.0
+    return (traffic.intra_pairs * row / hw.intra_Bps,
             traffic.inter_pairs * row / hw.inter_Bps)
+
+
+def copy_seconds(meta: ModelMeta, hw: Hardware, traffic: Traffic, wire_bytes: int) -> float:
+    """The exchange's local copies on the busiest GPU: its rows sent plus received (its own
+    included: they are packed and summed too) x H at the calibrated per-element cost of the
+    wire format (0 for datasheet hardware)."""
+    per = hw.copy_bf16_elem_s if wire_bytes == 2 else hw.copy_elem_s
+    return traffic.copied_rows * meta.hidden_size * per
 
 
 def moe_compute(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
                 micro_batches: int = 1, experts_per_gpu: int = 1,
-                touch_share: float = 0.0) -> float:
-    """Expert GEMMs of the busiest GPU (:func:`expert_flops_per_pair` per pair) plus its gate
-    ``h @ gate`` (2*H*E FLOPs per token), s; the shared expert is :func:`shared_compute`.
+                touch_share: float = 0.0, wire_bytes: int = 4, tp: int = 1,
+                phases: int = EXCHANGE_PHASES) -> float:
+    """Expert GEMMs of the busiest GPU (:func:`expert_flops_per_pair` per pair, at the rate
+    of its shard's shape ``(H, F / tp)``: :meth:`Hardware.rate`) plus its gate ``h @ gate``
+    (2*H*E FLOPs per token), s; the shared expert is :func:`shared_compute`.
 
     With calibrated CPU terms (all 0 for datasheet hardware) add: one weight stream per
     (micro-batch, local expert) GEMM call, ``T * H * token_elem_s`` of per-token non-GEMM
-    work, ``m * micro_batch_s`` fixed work per micro-batch and ``touch_share`` of the run's
+    work, :func:`copy_seconds` (the exchange's local copies, by rows and wire format),
+    ``m * micro_batch_s * phases / 3`` fixed work per micro-batch (calibrated on the direct
+    dispatch's 3 exchange phases, mostly each phase's synchronisation of ranks sharing
+    cores: node dispatch's 7 pay it 7/3 times) and ``touch_share`` of the run's
     first touch ``T * K * H * first_touch_s``: a fresh process faults its working set in
     during its first pass (measured: 4 700 to 9 000 faults of about 2 us each at the
     validation shapes); the faults follow the heap's growth over the first layers, so
     :func:`forward_time` gives each MoE layer its :func:`touch_shares` share.
     """
-    flops = (traffic.compute_pairs * expert_flops_per_pair(meta)
-             + tokens_per_gpu * 2 * meta.hidden_size * meta.num_experts)
-    return (flops / hw.gemm_flops
-            + weight_stream_s(hw, meta.hidden_size, meta.moe_ffn_size,
+    shard = max(meta.moe_ffn_size // tp, 1)
+    return (traffic.compute_pairs * expert_flops_per_pair(meta) / hw.rate(meta.hidden_size, shard)
+            + tokens_per_gpu * 2 * meta.hidden_size * meta.num_experts / hw.gemm_flops
+            + weight_stream_s(hw, meta.hidden_size, shard,
                               micro_batches * experts_per_gpu, meta.expert_matrices)
             + tokens_per_gpu * meta.hidden_size * hw.token_elem_s
-            + micro_batches * hw.micro_batch_s
+            + copy_seconds(meta, hw, traffic, wire_bytes)
+            + micro_batches * hw.micro_batch_s * phases / EXCHANGE_PHASES
             + touch_share * tokens_per_gpu * meta.top_k * meta.hidden_size * hw.first_touch_s)
 
 
@@ -511,7 +598,8 @@ def shared_compute(meta: ModelMeta, hw: Hardware, tokens_per_gpu: int,
     (:func:`shared_flops_per_token` each), one weight stream per micro-batch; 0 without one."""
     if not meta.shared_ffn_size:
         return 0.0
-    return (tokens_per_gpu * shared_flops_per_token(meta) / hw.gemm_flops
+    return (tokens_per_gpu * shared_flops_per_token(meta)
+            / hw.rate(meta.hidden_size, meta.shared_ffn_size)
             + weight_stream_s(hw, meta.hidden_size, meta.shared_ffn_size, micro_batches,
                               meta.expert_matrices))
 
@@ -534,28 +622,40 @@ def touch_shares(moe_layers: int, head: float = 0.0) -> list[float]:
 def layer_time(meta: ModelMeta, hw: Hardware, traffic: Traffic, tokens_per_gpu: int,
                micro_batches: int, wire_bytes: int, layer: int,
                experts_per_gpu: int = 1, touch_share: float = 0.0,
-               phases: int = EXCHANGE_PHASES) -> LayerTimes:
+               phases: int = EXCHANGE_PHASES, tp: int = 1) -> LayerTimes:
     """Predicted times of MoE layer ``layer`` cut into ``micro_batches``.
 
     ``blocking_s`` is the m = 1 layer with nothing overlapped, the shared expert included
     (``compute + dispatch + combine + phases * latency``).  The CPU terms of
     :func:`moe_compute` depend on m, so ``compute_s`` is at ``micro_batches`` and
     ``blocking_s`` recomputes it at m = 1.  ``compute_s`` includes the shared expert
-    (``shared_s``), which :func:`pipeline_time` overlaps with each micro-batch's dispatch."""
+    (``shared_s``), which :func:`pipeline_time` overlaps with each micro-batch's dispatch.
+
+    On calibrated host hardware (``link == "measured"``: ``moempi bench calibrate`` times
+    CPU ranks, whose own cores copy the exchange's bytes through shared memory) the overlap
+    cannot hide bandwidth time: ``overlapped_s`` is then compute + exchange + one fill's
+    latencies + ``m * overlap_micro_s``, the overlapped machinery's measured cost."""
     m = micro_batches
     shared = shared_compute(meta, hw, tokens_per_gpu, m)
     compute = shared + moe_compute(meta, hw, traffic, tokens_per_gpu, m, experts_per_gpu,
-                                   touch_share)
+                                   touch_share, wire_bytes, tp, phases)
     compute1 = (shared_compute(meta, hw, tokens_per_gpu, 1)
-                + moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, touch_share))
+                + moe_compute(meta, hw, traffic, tokens_per_gpu, 1, experts_per_gpu, touch_share,
+                              wire_bytes, tp, phases))
     intra, inter = moe_exchange(meta, hw, traffic, wire_bytes)
     dispatch = max(intra, inter)                        # links run concurrently: the slower one
+    if hw.link == "measured" and m > 1:
+        # a host: its cores do the MPI copies, so the bandwidth time adds to the compute
+        # (only the waits hide), and the overlapped machinery costs overlap_micro_s each
+        overlapped = (compute + 2 * dispatch + phases * hw.latency_s
+                      + m * hw.overlap_micro_s)
+    else:
+        overlapped = pipeline_time(compute, 2 * dispatch, hw.latency_s, m, phases,
+                                   shared_s=shared)
     return LayerTimes(layer, "moe", compute, intra, inter, dispatch, dispatch,
                       phases * m * hw.latency_s, m,
                       pipeline_time(compute1, 2 * dispatch, hw.latency_s, 1, phases),
-                      pipeline_time(compute, 2 * dispatch, hw.latency_s, m, phases,
-                                    shared_s=shared),
-                      traffic.skew, shared)
+                      overlapped, traffic.skew, shared)
 
 
 @dataclass(frozen=True)
@@ -607,6 +707,8 @@ class Forecast:
     fitting_tp: int | None       # smallest TP that fits (None: none does)
     nodes: int                   # nodes of one EP x TP group
     max_micro_batches: int = 16
+    tuning_s: float = 0.0        # what choosing the count costs the run (micro_batches = auto)
+    tuning: dict | None = None   # the simulated choice: {"tried": {m: s}, "reason": ...}
 
     @property
     def forward_s(self) -> float:
@@ -637,18 +739,23 @@ class Forecast:
                 "micro_batches": self.moe_layers[0].micro_batches if self.moe_layers else 1,
                 "memory_bytes": dict(self.memory), "memory_capacity_bytes": self.hardware.memory_bytes,
                 "fits": self.fits, "smallest_fitting_tp": self.fitting_tp,
+                "tuning_s": self.tuning_s, "tuning": self.tuning,
                 "layers": [l.to_dict() for l in self.layers]}
 
 
 def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
                  traffic: dict[int, Traffic] | None = None,
-                 max_micro_batches: int = 16) -> Forecast:
+                 max_micro_batches: int = 16, batches: int = 1) -> Forecast:
     """Predict the whole forward pass: ``num_dense_layers`` dense layers then the MoE layers.
 
     ``traffic`` maps a MoE layer to its :class:`Traffic` (from a routing trace); layers it
-    lacks assume uniform routing.  ``layout.micro_batches == 0`` picks the one count that
-    minimises the sum of the MoE layers' :func:`pipeline_time`.  Layers are timed one after
-    another (a micro-batch's early start on the next layer is not credited: conservative).
+    lacks assume uniform routing.  ``layout.micro_batches == 0`` chooses the count as
+    ``moempi run`` does, by its tuner's rules on the model's layer times
+    (:func:`moempi.perf.tuning.simulate`: candidates timed on the first batch's MoE layers
+    within 2 % of the job's ``batches`` x MoE work), and ``tuning_s`` is what the trials
+    cost; ``tuning["best"]`` is the count that minimises the MoE layers' time (what to set
+    ``pipeline.micro_batches`` to when the tuner's budget keeps it from trying).  Layers are timed one after another (a micro-batch's early start on the next
+    layer is not credited: conservative).
     """
     layout.validate(hw.gpus_per_node)
     T = layout.tokens_per_gpu
@@ -659,19 +766,27 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
     if layout.dispatch == "node":
         spn = max(hw.gpus_per_node // layout.tp, 1)
         share = uniform_node_share(math.ceil(layout.ep / spn), meta.top_k)
-        per_layer = {l: by_node(t, t.node_share or share, spn) for l, t in per_layer.items()}
+        per_layer = {l: t if t.exchanged else by_node(t, t.node_share or share, spn)
+                     for l, t in per_layer.items()}
         phases = NODE_PHASES
     epg = experts_per_gpu(meta.num_experts, layout.ep)
     shares = touch_shares(len(per_layer), hw.first_touch_head)   # of the first touch
-    m = layout.micro_batches
+    m, tuning_s, tuning = layout.micro_batches, 0.0, None
     if m == 0:
-        cap = min(max_micro_batches, T)
-        sums = [sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, s,
-                               phases).overlapped_s
-                    for (l, t), s in zip(per_layer.items(), shares)) for k in range(1, cap + 1)]
-        m = 1 + int(np.argmin(np.round(sums, 15)))
+        items = list(zip(per_layer.items(), shares))
+        (l, t), s = items[min(1, len(items) - 1)]       # the tuner times the second MoE layer
+        trial = lambda k: layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, s,
+                                     phases, layout.tp).overlapped_s
+        m, tuning_s, tried, reason = simulate_tuning(
+            trial, candidates(T, max_micro_batches), len(items) - 1, len(items) * batches)
+        sums = {k: sum(layer_time(meta, hw, t, T, k, layout.wire_bytes, l, epg, s,
+                                  phases, layout.tp).overlapped_s for (l, t), s in items)
+                for k in range(1, min(max_micro_batches, T) + 1)}
+        best = min(sums, key=lambda k: (round(sums[k], 15), k))
+        tuning = {"tried": tried, "reason": reason, "best": best,
+                  "best_moe_s": sums[best], "chosen_moe_s": sums[m]}
     layers = [dense_layer_time(meta, hw, T, l, m) for l in range(meta.num_dense_layers)]
-    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, s, phases)
+    layers += [layer_time(meta, hw, t, T, m, layout.wire_bytes, l, epg, s, phases, layout.tp)
                for (l, t), s in zip(per_layer.items(), shares)]
     skew = max((t.skew for t in per_layer.values()), default=1.0)
     weight_bytes = 4 if layout.precision == "fp32" else meta.weight_bytes
@@ -682,7 +797,7 @@ def forward_time(meta: ModelMeta, hw: Hardware, layout: Layout,
         max_tp=hw.gpus_per_node)
     spn = max(hw.gpus_per_node // layout.tp, 1)
     return Forecast(layout, hw, tuple(layers), mem, fits, fitting, math.ceil(layout.ep / spn),
-                    max_micro_batches)
+                    max_micro_batches, tuning_s, tuning)
 
 
 __all__ = ["Calibration", "Forecast", "Hardware", "LayerTimes", "Layout", "Traffic",

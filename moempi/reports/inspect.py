@@ -8,6 +8,14 @@ import numpy as np
 
 from moempi.errors import MoempiError
 from moempi.io.hdf5 import open_h5
+from moempi.perf.predict import STARTUP_SOURCE
+
+DIFFERS = 0.15              # measured and predicted differ: say which way and what to do
+LOW_OVERLAP = 20.0          # % below which inspect points to where overlap does show
+CELL_BYTES = 1 << 20        # MPICH shared-memory cell that lets a poll move an exchange
+# `make run-overlap` (input/overlap.toml): where overlap hides the exchange on the 2-core VM
+OVERLAP_DEMO = ("2 ranks, one core each, equal loads, an exchange a quarter of the compute, "
+                "6 micro-batches, MPICH's shared-memory cells at 1 MiB: input/overlap.toml")
 
 
 def _json_attr(f, name, default=None):
@@ -33,7 +41,8 @@ def layout_line(f, cfg: dict) -> str:
 
 
 def summarise(path: str, echo=print) -> None:
-    """Print the run's configuration, per-layer expert load, timing breakdown and overlap."""
+    """Print the run's configuration, per-layer expert load, timing breakdown, the time
+    model's prediction beside the measurement, and the overlap with why it is what it is."""
     with open_h5(path, "output") as f:
         if f.attrs.get("format") != "moempi-output":
             raise MoempiError(f"{path}: not a moempi output file")
@@ -47,65 +56,128 @@ def summarise(path: str, echo=print) -> None:
              f"{'overlapped' if cfg.get('pipeline', {}).get('overlap') else 'blocking'}")
         echo(layout_line(f, cfg))
         echo(f"command: {f.attrs['command_line']}")
-        echo(f"forward: {f.attrs['forward_seconds']:.3f} s "
-             f"({f['hidden'].shape[0] / f.attrs['forward_seconds']:,.0f} tokens/s)")
+        forward = float(f.attrs["forward_seconds"])
+        echo(f"forward: {forward:.3f} s ({f['hidden'].shape[0] / forward:,.0f} tokens/s)")
+        echo(prediction_line(f, forward))
         if "stats/peak_host_bytes" in f:
             peak = f["stats/peak_host_bytes"][:] / 2**20
             echo(f"peak host memory per rank: max {peak.max():,.0f} MiB, "
                  f"min {peak.min():,.0f} MiB")
         moe = f["stats/moe_layers"][:]
-        tpe = f["stats/tokens_per_expert"][:].astype(float)       # [L_moe, E]
         tpr = f["stats/tokens_per_rank"][:].astype(float)         # [L_moe, P]
-        imb_e = tpe.max(1) / np.maximum(tpe.mean(1), 1e-12)
         imb_r = tpr.max(1) / np.maximum(tpr.mean(1), 1e-12)
         timings = {k: f[f"timings/{k}"][:] for k in ("compute", "wait", "overall",
                                                      "dispatch", "combine", "pure_comm", "overlap")}
+        predicted = f["timings/predicted"][:] if "timings/predicted" in f else None   # [L] s
         echo("")
-        echo("per layer: expert load (MoE layers) and time")
-        echo(f"{'layer':>5} {'kind':>5} {'min/expert':>10} {'max/expert':>10} {'imb(exp)':>9} "
-             f"{'imb(rank)':>9} {'compute s':>9} {'wait s':>8} {'overall s':>9} "
-             f"{'pure comm':>9} {'overlap%':>8}")
-        echo("  min/max/expert: (token, expert) pairs over all ranks; imb: max / mean over "
-             "experts, ranks; compute, wait, overall, pure comm: seconds, max over ranks; "
-             "overlap%: mean over ranks (OSU); n/a: a dense layer exchanges nothing; -: not "
-             "measured")
-        index = {int(l): i for i, l in enumerate(moe)}
-        dense = [l for l in range(int(meta.get("num_layers", 0))) if l not in index]
-        shown = sorted(set(dense) | {int(moe[i]) for i in (
-            range(len(moe)) if len(moe) <= 24 else np.linspace(0, len(moe) - 1, 12).astype(int))})
-        for l in shown:
-            ov = np.nanmean(timings["overlap"][:, l]) if np.isfinite(
-                timings["overlap"][:, l]).any() else float("nan")
-            if l in index:
-                i = index[l]
-                load = (f"{'moe':>5} {tpe[i].min():>10.0f} {tpe[i].max():>10.0f} "
-                        f"{imb_e[i]:>9.2f} {imb_r[i]:>9.2f}")
-            else:
-                load = f"{'dense':>5} {'-':>10} {'-':>10} {'-':>9} {'-':>9}"
-            shown_ov = f"{ov:>8.1f}" if np.isfinite(ov) else \
-                f"{'n/a':>8}" if l not in index else f"{'-':>8}"
-            echo(f"{l:>5} {load} {timings['compute'][:, l].max():>9.4f} "
-                 f"{timings['wait'][:, l].max():>8.4f} {timings['overall'][:, l].max():>9.4f} "
-                 f"{timings['pure_comm'][:, l].max():>9.4f} {shown_ov}")
-        if len(shown) < len(dense) + len(moe):
-            echo(f"  ({len(shown) - len(dense)} of {len(moe)} MoE layers shown)")
-        echo("")
-        echo(f"imbalance over MoE layers: experts mean {imb_e.mean():.2f} max {imb_e.max():.2f};"
-             f" ranks mean {imb_r.mean():.2f} max {imb_r.max():.2f}; MaxVio mean "
-             f"{(imb_e - 1).mean():.3f}")
+        for line in layer_table(f, meta, timings, predicted):
+            echo(line)
         tot = {k: v.sum(axis=1) for k, v in timings.items() if k != "overlap"}
         echo("per-rank totals (s, mean over ranks, max): " + ", ".join(
             f"{k} {tot[k].mean():.3f} (max {tot[k].max():.3f})"
             for k in ("overall", "compute", "wait", "pure_comm")))
         moe_cols = timings["overlap"][:, moe]
+        mean_overlap = None
         if np.isfinite(moe_cols).any():
             over = tot["overall"] - tot["compute"]
             total_pct = np.where(tot["pure_comm"] > 0, np.maximum(
                 0, 100 * (1 - over / np.maximum(tot["pure_comm"], 1e-12))), np.nan)
+            mean_overlap = float(np.nanmean(moe_cols))
             echo(f"overlap (OSU definition, whole run): mean {np.nanmean(total_pct):.1f} %, "
-                 f"per layer mean {np.nanmean(moe_cols):.1f} %")
+                 f"per layer mean {mean_overlap:.1f} %")
         for line in overlap_reasons(f, cfg, meta, timings, moe, imb_r):
             echo(line)
+        if len(moe):                 # the rest of why (overlap_reasons says "why ...:")
+            for line in mpich_cells(f, cfg, mean_overlap) + prediction_reasons(
+                    f, cfg, forward, mean_overlap):
+                echo(line)
+
+
+def _ms(seconds: float, width: int) -> str:
+    return f"{seconds * 1e3:>{width}.2f}"
+
+
+def layer_table(f, meta: dict, timings: dict, predicted) -> list[str]:
+    """Per layer: the expert load (MoE layers), the measured times beside the predicted one
+    (``predicted`` `[L]` s, or None), the exchange alone and the overlap; no NaN shown."""
+    moe = f["stats/moe_layers"][:]
+    tpe = f["stats/tokens_per_expert"][:].astype(float)       # [L_moe, E]
+    tpr = f["stats/tokens_per_rank"][:].astype(float)         # [L_moe, P]
+    imb_e = tpe.max(1) / np.maximum(tpe.mean(1), 1e-12)
+    imb_r = tpr.max(1) / np.maximum(tpr.mean(1), 1e-12)
+    lines = ["per layer: expert load (MoE layers), time measured and predicted",
+             f"{'layer':>5} {'kind':>5} {'min/expert':>10} {'max/expert':>10} {'imb(exp)':>9} "
+             f"{'imb(rank)':>9} {'compute ms':>10} {'wait ms':>8} {'overall ms':>10} "
+             f"{'predicted ms':>12} {'error':>6} {'pure comm ms':>12} {'overlap%':>8}",
+             "  min/max/expert: (token, expert) pairs over all ranks; imb: max / mean over "
+             "experts, ranks; compute, wait, overall, pure comm: ms, max over ranks; predicted: "
+             "the time model's (the 'predicted:' line above), error: predicted / overall - 1; "
+             "overlap%: mean over "
+             "ranks (OSU); n/a: a dense layer exchanges nothing; -: not measured or predicted"]
+    index = {int(l): i for i, l in enumerate(moe)}
+    dense = [l for l in range(int(meta.get("num_layers", 0))) if l not in index]
+    shown = sorted(set(dense) | {int(moe[i]) for i in (
+        range(len(moe)) if len(moe) <= 24 else np.linspace(0, len(moe) - 1, 12).astype(int))})
+    for l in shown:
+        column = timings["overlap"][:, l]
+        ov = np.nanmean(column) if np.isfinite(column).any() else float("nan")
+        if l in index:
+            i = index[l]
+            load = (f"{'moe':>5} {tpe[i].min():>10.0f} {tpe[i].max():>10.0f} "
+                    f"{imb_e[i]:>9.2f} {imb_r[i]:>9.2f}")
+        else:
+            load = f"{'dense':>5} {'-':>10} {'-':>10} {'-':>9} {'-':>9}"
+        shown_ov = f"{ov:>8.1f}" if np.isfinite(ov) else \
+            f"{'n/a':>8}" if l not in index else f"{'-':>8}"
+        overall = timings["overall"][:, l].max()
+        pred, err = f"{'-':>12}", f"{'-':>6}"
+        if predicted is not None and np.isfinite(predicted[l]):
+            pred = _ms(predicted[l], 12)
+            if overall > 0:
+                err = f"{round(100 * (predicted[l] / overall - 1)) or 0:>+5d}%"
+        lines.append(f"{l:>5} {load} {_ms(timings['compute'][:, l].max(), 10)} "
+                     f"{_ms(timings['wait'][:, l].max(), 8)} {_ms(overall, 10)} {pred} {err} "
+                     f"{_ms(timings['pure_comm'][:, l].max(), 12)} {shown_ov}")
+    if len(shown) < len(dense) + len(moe):
+        lines.append(f"  ({len(shown) - len(dense)} of {len(moe)} MoE layers shown)")
+    lines += ["", f"imbalance over MoE layers: experts mean {imb_e.mean():.2f} max "
+                  f"{imb_e.max():.2f}; ranks mean {imb_r.mean():.2f} max {imb_r.max():.2f}; "
+                  f"MaxVio mean {(imb_e - 1).mean():.3f}"]
+    return lines
+
+
+def prediction_line(f, forward: float) -> str:
+    """The run's forward as the time model predicted it, and from which figures."""
+    if "prediction_error" in f.attrs:
+        return (f"predicted: none: the model could not predict this run "
+                f"({f.attrs['prediction_error']})")
+    if "predicted_forward_seconds" not in f.attrs:
+        return "predicted: no prediction recorded (an output of a moempi before predictions)"
+    pred = float(f.attrs["predicted_forward_seconds"])
+    source = str(f.attrs["prediction_source"])
+    what = ("; the CPU work beside the GEMMs (norm, gate, packing, the scheduler) is not in it"
+            if source == STARTUP_SOURCE else "")
+    return (f"predicted: {pred:.3f} s ({_relative(pred, forward)} the measured), from "
+            f"{source}{_calibrated_ranks(f)}{what}")
+
+
+def _calibrated_ranks(f) -> str:
+    """", calibrated at 4 ranks, not this run's 2" when the calibration lacks the run's
+    rank count (its figures are then inter- or extrapolated); "" otherwise."""
+    ranks = _json_attr(f, "prediction_calibration_ranks", [])
+    job = _json_attr(f, "prediction_job", {})
+    if not ranks or job.get("ranks") in ranks:
+        return ""
+    return (f", calibrated at {', '.join(map(str, ranks))} ranks, not this run's "
+            f"{job.get('ranks')}")
+
+
+def _relative(a: float, b: float) -> str:
+    """``a`` against ``b`` in words: "12 % more than", "30 % less than", "17.3 x"."""
+    ratio = a / max(b, 1e-12)
+    if ratio >= 2:
+        return f"{ratio:.1f} x"
+    return f"{abs(ratio - 1):.0%} {'more' if ratio >= 1 else 'less'} than"
 
 
 def overlap_reasons(f, cfg: dict, meta: dict, timings: dict, moe, imb_r) -> list[str]:
@@ -151,4 +223,65 @@ def overlap_reasons(f, cfg: dict, meta: dict, timings: dict, moe, imb_r) -> list
         lines.append(f"- the ranks' expert loads differ (the busiest up to {worst:.2f} x the "
                      f"mean rows): the others wait for it, and that waiting counts against "
                      f"the overlap; balance.enabled = true or `moempi place` even it out")
+    return lines
+
+
+def mpich_cells(f, cfg: dict, mean_overlap: float | None) -> list[str]:
+    """MPICH on one node moves one shared-memory cell per progress call (8 KiB by default):
+    the polls between expert GEMM chunks then barely move an exchange of megabytes, which
+    moves while the ranks wait instead.  Said when the overlap was low with exchanges that
+    could overlap, on one node, and the run recorded its MPICH settings (``mpi_env``)."""
+    env = _json_attr(f, "mpi_env")
+    node = _json_attr(f, "node", {})
+    mpi = _json_attr(f, "versions", {}).get("mpi", "")
+    overlapping = cfg.get("pipeline", {}).get("overlap", True) and (
+        int(f.attrs["micro_batches"]) > 1 or _json_attr(f, "model_meta", {}).get("shared_ffn_size"))
+    if (env is None or "MPICH" not in mpi or not overlapping or node.get("ranks", 0)
+            != int(f.attrs["world_size"]) or (mean_overlap or 0.0) >= LOW_OVERLAP):
+        return []
+    cell = int(env.get("MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_CELL_SIZE", 8192))
+    if cell >= CELL_BYTES:
+        return []
+    return [f"- MPICH moves one shared-memory cell per progress call, {cell // 1024} KiB "
+            f"here: the polls between expert GEMM chunks move little of each exchange, "
+            f"which moves while the ranks wait instead; with "
+            f"MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_CELL_SIZE={CELL_BYTES} "
+            f"MPIR_CVAR_CH4_PACK_BUFFER_SIZE={2 * CELL_BYTES} in the job's environment each "
+            f"poll moves 1 MiB (64 MiB of shared memory per rank)"]
+
+
+def prediction_reasons(f, cfg: dict, forward: float, mean_overlap: float | None) -> list[str]:
+    """More of why: the measured forward against the predicted one when they differ by more
+    than :data:`DIFFERS` (which way, and what to do), and where overlap does show when this
+    run's is low."""
+    lines = []
+    ranks = int(f.attrs["world_size"])
+    calibration = cfg.get("run", {}).get("calibration", "") or "calibration.json"
+    command = f"`mpiexec -n {ranks} moempi bench calibrate --calibration {calibration}`"
+    if "predicted_forward_seconds" in f.attrs:
+        pred = float(f.attrs["predicted_forward_seconds"])
+        err = pred / max(forward, 1e-12) - 1
+        probes = str(f.attrs["prediction_source"]) == STARTUP_SOURCE
+        took = f"- the forward took {forward:.3f} s, {_relative(forward, pred)} the {pred:.3f} s"
+        if err < -DIFFERS and probes:
+            lines.append(f"{took} predicted from this run's "
+                         f"start-up probes, which count only the GEMMs and the wire: the rest "
+                         f"is the CPU work beside them and waiting; to predict it too, "
+                         f"calibrate this machine once at this rank count, {command}, and run "
+                         f"with --set run.calibration={calibration}")
+        elif err < -DIFFERS:
+            lines.append(f"{took} predicted from its calibration{_calibrated_ranks(f)}: "
+                         f"the machine was slower than when calibrated (another "
+                         f"job on it, more ranks than cores) or the calibration is of another "
+                         f"machine or rank count; on a quiet machine, recalibrate: {command} "
+                         f"(if it stays, the model misses something of this configuration)")
+        elif err > DIFFERS:
+            lines.append(f"{took} predicted from {f.attrs['prediction_source']}: the figures "
+                         f"are slower than what this run saw (measured while the machine was "
+                         f"busy, or at another rank count); on a quiet machine, recalibrate: "
+                         f"{command} (if it stays, the model misses something of this "
+                         f"configuration)")
+    if mean_overlap is None or mean_overlap < LOW_OVERLAP:
+        lines.append(f"- where overlap does hide the exchange on a 2-core machine: "
+                     f"`make run-overlap` in the moempi repository ({OVERLAP_DEMO})")
     return lines

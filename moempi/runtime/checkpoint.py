@@ -37,7 +37,8 @@ def fingerprint(cfg, world_size: int, num_tokens: int, batch_tokens: int,
     for key in ("run.output", "run.overwrite", "run.checkpoint", "pipeline.measure_pure_comm",
                 "pipeline.pure_comm_layers", "pipeline.tuning_budget",
                 "pipeline.local_kernels",
-                "pipeline.stall_timeout", "pipeline.chunk_rows", "run.weights"):
+                "pipeline.stall_timeout", "pipeline.chunk_rows", "run.weights",
+                "run.calibration"):
         data.pop(key)
     for key in ("run.model", "run.tokens"):
         st = os.stat(data[key])

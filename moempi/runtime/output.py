@@ -59,6 +59,18 @@ def versions() -> dict:
             "mpi": MPI.Get_library_version().splitlines()[0].strip()}
 
 
+def write_prediction(writer, prediction) -> None:
+    """``/timings/predicted`` and the prediction's root attributes (or why there is none)."""
+    writer.attrs(**prediction.attrs)
+    if prediction.seconds is None:
+        return
+    writer.array("timings/predicted", prediction.seconds, units="s", dims="layer",
+                 description="the time model's prediction of each layer's wall time over the "
+                             "whole job, at this run's configuration and measured routing "
+                             "(compare: /timings/overall, max over ranks)",
+                 source=prediction.attrs["prediction_source"])
+
+
 class OutputFile:
     """The output file of one run; every method is called on every rank.
 
@@ -120,8 +132,12 @@ class OutputFile:
                     self.datasets[m, name][span] = arr
 
     def finish(self, attrs: dict, tel, pure_comm: np.ndarray, history: dict,
-               gpus_per_node: int = 0) -> None:
-        """Gather the timings and counters, write them with ``attrs`` and publish the file."""
+               gpus_per_node: int = 0, forecast=None):
+        """Gather the timings and counters, write them with ``attrs`` and publish the file.
+
+        ``forecast`` (a :class:`moempi.runtime.prediction.RunForecast`, or None) adds the time
+        model's prediction from the gathered routing; returns its
+        :class:`~moempi.runtime.prediction.Prediction` on rank 0, None elsewhere."""
         world, meta, writer = self.world, self.meta, self.writer
         seconds = {name: parallel.gather_stack(world, tel.seconds[name]) for name in TIMINGS}
         pure = parallel.gather_stack(world, pure_comm)
@@ -132,7 +148,7 @@ class OutputFile:
         dropped = parallel.sum_to_all(world, tel.dropped)
         peak = world.gather(peak_host_bytes(), root=0)
         if not writer:
-            return
+            return None
         writer.attrs(**attrs)
         P = world.size
         writer.array("axes/layer", np.arange(meta.num_layers), scale="layer",
@@ -168,6 +184,11 @@ class OutputFile:
         writer.array("stats/traffic", full, dims="moe layer, source rank, destination rank",
                      units="rows", description="rows each rank sent to each rank (with node "
                                                "dispatch: both stages)")
+        prediction = None
+        if forecast is not None:          # from replica 0's block: the replicas are alike
+            G = forecast.job.ranks
+            prediction = forecast.predict(full[:, :G, :G], rows.T[:, :G])
+            write_prediction(writer, prediction)
         if gpus_per_node and P % gpus_per_node == 0:
             nodes = P // gpus_per_node
             pairs = full.reshape(len(moe), nodes, gpus_per_node, nodes, gpus_per_node)
@@ -193,6 +214,7 @@ class OutputFile:
                                                 "up to the end of the forward pass")
         writer.commit()
         self.writer = None
+        return prediction
 
     def discard(self) -> None:
         """Remove the partial file (rank 0; a no-op once committed)."""

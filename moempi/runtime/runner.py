@@ -14,7 +14,8 @@ from mpi4py import MPI
 from moempi import __version__
 from moempi.io import files, hdf5
 from moempi.model.balance import BiasBalancer, max_violation
-from moempi.runtime import parallel, tune
+from moempi.perf.predict import JobRun
+from moempi.runtime import parallel, prediction, tune
 from moempi.runtime.backend import make_backend
 from moempi.runtime.checkpoint import (Checkpoint, check_checkpoint_path, checkpoint_complete, fingerprint, scan)
 from moempi.errors import MoempiError
@@ -156,6 +157,7 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
         return cfg.run.output
     setup = parallel.root_call(world, prepare, cfg, layout.ep, layout.tp)
     meta, placement = setup.meta, setup.placement
+    calibration = parallel.root_call(world, prediction.load_calibration, cfg.run.calibration)
     for note in setup.notes:
         say(world, f"warning: {note}")
     say(world, f"moempi {__version__}: {world.size} ranks (ep={layout.ep}, tp={layout.tp}, "
@@ -266,6 +268,10 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                   cfg.balance.overflow == "reroute", tp=layout.tp)
     if measures_chunk and (len(counts) == 1 or shared):   # cut from the start
         measure_chunk()
+    # the time model's figures for the prediction recorded beside the measurement: the
+    # calibration's, or else the run's own (an Alltoallv probe and an expert's GEMM rate)
+    probes = None if calibration else prediction.probe(
+        comm, weights, backend, min(batch, max_local), 2 if cfg.run.precision == "bf16" else 4)
     progress = Progress(meta.num_layers, num_batches) if world.rank == 0 else None
     history = {"bias": [], "tokens_per_expert": []}    # per batch: the bias used, the load seen
     final_norm = None if weights.final_norm is None else backend.to_host(weights.final_norm)
@@ -376,12 +382,21 @@ def run_job(world: MPI.Comm, cfg: Config, command_line: str) -> str:
                            "forward": elapsed - tuning_s,
                            "replay": world.allreduce(replay_s, op=MPI.MAX)},
             versions=versions(), command_line=command_line, devices=devices, node=node,
+            mpi_env={k: v for k, v in os.environ.items() if k.startswith("MPIR_CVAR_")},
             forward_seconds=elapsed, total_seconds=time.perf_counter() - started)
         if cfg.balance.enabled:
             vio = max_violation(np.stack(history["tokens_per_expert"])).mean(axis=1)
             say(world, f"load balancing: MaxVio (mean over layers) first batch {vio[0]:.3f}, "
                        f"last batch {vio[-1]:.3f}")
-        output.finish(attrs, tel, pure_comm, history, gpus_per_node)
+        job = JobRun(ranks=layout.ep * layout.tp, tokens_per_rank=max_local,
+                     micro_batches=max(1, micro_batches), precision=cfg.run.precision,
+                     overlap=cfg.pipeline.overlap, tp=layout.tp, batch_tokens=batch,
+                     dispatch=cfg.pipeline.dispatch, gpus_per_node=gpus_per_node)
+        forecast = prediction.RunForecast(meta, job, calibration, cfg.run.calibration, probes,
+                                          chunking["rates"])
+        predicted = output.finish(attrs, tel, pure_comm, history, gpus_per_node, forecast)
+        if predicted:
+            say(world, predicted.line(elapsed))
     except BaseException:
         output.discard()
         raise

@@ -41,13 +41,10 @@ from mpi4py import MPI
 from moempi.model.experts import mlp
 from moempi.model.shapes import ModelMeta
 from moempi.model.stack import Weights
+# the rules of the micro-batch choice, shared with the time model (``moempi plan``)
+from moempi.perf.tuning import BUDGET_SHARE, PRIOR, TIE, candidates
 from moempi.runtime.pipeline import Context, piece_rows, run_batch
 
-CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16)
-TIE = 0.02                   # a count must be this much faster than the best so far to win
-BUDGET_SHARE = 0.02          # the tuning may cost this share of the job's forecast MoE work
-PRIOR = 3.0                  # an untried count may cost this many layers more: measured, 2
-                             # micro-batches took 3.8 x one at hidden 64 (2 ranks, 2 cores)
 QUANTA = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)   # row quanta tried, fewest first
 CHUNK_MIN, CHUNK_MAX = 32, 1024   # chunk sizes timed: quantum x 2^i in this range
 CHUNK_SHARE = 0.95           # a chunk keeps this share of the largest size's GEMM rate
@@ -88,13 +85,6 @@ def local_kernels(mode: str, gpu: bool, elements: int):
         kernels = fused.load()
     return kernels, {"mode": choice, "reason": reason,
                      "load_seconds": kernels.load_seconds if kernels else 0.0}
-
-
-def candidates(rows: int, most: int) -> list[int]:
-    """The micro-batch counts worth timing for ``rows`` tokens per rank: at most ``most``,
-    and none with micro-batches of fewer than 16 rows (their fixed costs dominate)."""
-    keep = [m for m in CANDIDATES if m <= most and (m == 1 or rows // m >= 16)]
-    return keep or [1]
 
 
 @dataclasses.dataclass
