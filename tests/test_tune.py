@@ -90,3 +90,21 @@ def test_run_records_a_tuning_that_costs_under_two_percent(files, tmp_path):
         assert tuning["micro_batches"]["chosen"] == f.attrs["micro_batches"]
     assert 0 <= tuning["cost_share_of_forward"] <= 0.02
     assert set(phases) == {"start_up", "weights", "tuning", "forward", "replay"}
+
+
+@pytest.mark.parametrize("profile,executions", [
+    ({1: 1.0, 2: 0.8, 3: 0.7, 4: 0.75}, 400),      # climbs to 3
+    ({1: 1.0, 2: 0.7, 3: 0.6, 4: 0.9}, 8),         # no budget
+    ({1: 1.0, 2: 1.3, 3: 0.1, 4: 0.1}, 200),       # 2 is slower: stops
+    ({1: 1.0, 2: 0.9, 3: 0.8, 4: 0.7}, 10_000),    # runs out of MoE layers (7 after the first)
+])
+def test_plan_follows_the_runs_tuner(monkeypatch, profile, executions):
+    """`moempi plan`'s auto count (perf.tuning.simulate) is the run's: the same rules on the
+    same layer times give the same count, trials and reason."""
+    from moempi.perf.tuning import simulate
+    run = _tuned(monkeypatch, profile, executions)
+    moe_layers = SHAPE.layers
+    chosen, cost, tried, reason = simulate(profile.get, [1, 2, 3, 4], moe_layers - 1, executions)
+    assert (chosen, reason) == (run.chosen, run.reason)
+    assert tried == {m: ts[0] for m, ts in run.layer_seconds.items() if ts}
+    assert cost == pytest.approx(run.cost_s, abs=0.01)          # the run adds its syncs

@@ -42,7 +42,7 @@ from moempi.model.experts import mlp
 from moempi.model.shapes import ModelMeta
 from moempi.model.stack import Weights
 # the rules of the micro-batch choice, shared with the time model (``moempi plan``)
-from moempi.perf.tuning import BUDGET_SHARE, PRIOR, TIE, candidates
+from moempi.perf.tuning import BUDGET_SHARE, Climb, candidates
 from moempi.runtime.pipeline import Context, piece_rows, run_batch
 
 QUANTA = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128)   # row quanta tried, fewest first
@@ -163,18 +163,9 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
     if first > moe[0] + 1:
         run(moe[0] + 1, first, seed, False)
     run(first, first + 1, seed, True)
-    best, t_best = seed, times[seed][0]
-    budget = share * t_best * moe_executions
-    reason, at = "every candidate tried", first + 1
-    for m in rest:
-        spent = sum(t - t_best for ts in times.values() for t in ts)
-        if at not in moe:
-            reason = "no MoE layer left in the first batch"
-            break
-        if spent + PRIOR * t_best > budget:
-            reason = (f"the next trial could cost more than the budget, {share:.0%} of the "
-                      f"forecast MoE work")
-            break
+    climb = Climb(counts, times[seed][0], moe_executions, share)
+    at = first + 1
+    while (m := climb.next(at in moe)) is not None:
         if before_trials is not None:
             t = time.perf_counter()
             before_trials()
@@ -182,15 +173,11 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
             before_trials = None
         run(at, at + 1, m, True)
         at += 1
-        if times[m][-1] < t_best * (1 - TIE):
-            best, t_best = m, times[m][-1]
-        else:
-            reason = f"{m} micro-batches were no faster than {best}"
-            break
+        climb.record(m, times[m][-1])
+    best = climb.best
     if at < len(layers):
         run(at, len(layers), best, False)
-    cost = sum(t - t_best for ts in times.values() for t in ts) + sync
-    return x, Tuning(best, times, schedule, budget, max(cost, 0.0), reason)
+    return x, Tuning(best, times, schedule, climb.budget, climb.cost_s + sync, climb.reason)
 
 
 def splits_exactly(h, w_in, w_out, activation: str, rows: int) -> bool:
