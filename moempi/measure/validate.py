@@ -39,7 +39,7 @@ from moempi.errors import MoempiError
 from moempi.perf.analytic import (COMPUTE_WEIGHT_BYTES, WIRE_BYTES, Calibration, Hardware, copy_seconds, dense_layer_time, layer_time, moe_compute, traffic_from_rows)
 from moempi.perf.analytic import EXCHANGE_PHASES, NODE_PHASES, serial_time
 from moempi.perf.memory import experts_per_gpu
-from moempi.perf.predict import JobRun, forecast_job, predicted_seconds
+from moempi.perf.predict import JobRun, forecast_job, job_traffic, predicted_seconds
 from moempi.io.topology import Topology
 from moempi.model.shapes import ModelMeta
 
@@ -505,21 +505,20 @@ def predict_run(output_path: str, calibration: Calibration,
     G = job.gpus_per_node if job.dispatch == "node" and job.gpus_per_node else job.ranks
     hw = calibration.hardware(job.ranks, topology or Topology(nodes=job.ranks // G,
                                                               gpus_per_node=G))
-    fc = forecast_job(meta, hw, job, run["traffic"], run["rows"])
+    per_layer = job_traffic(meta, hw, job, run["traffic"], run["rows"])
+    fc = forecast_job(meta, hw, job, per_layer=per_layer)
     pred = predicted_seconds(fc, job)
     b, wire = job.batches, WIRE_BYTES[job.precision]
+    epg = experts_per_gpu(meta.num_experts, job.ranks // job.tp)
+    phases = NODE_PHASES if job.dispatch == "node" else EXCHANGE_PHASES
     out = []
     for lt, p in zip(fc.layers, pred):
         meas = float(run["overall"][:, lt.layer].max())
-        t = (traffic_from_rows(run["traffic"][lt.layer - meta.num_dense_layers] / b,
-                               run["rows"][lt.layer - meta.num_dense_layers] / b, job.tp,
-                               hw.gpus_per_node, hw.link) if lt.kind == "moe" else None)
         # the terms add up to the layer without overlap; overlapped, the pipeline hides
         # part of the smaller ones, and the largest still dominates
-        epg = experts_per_gpu(meta.num_experts, job.ranks // job.tp)
-        phases = NODE_PHASES if job.dispatch == "node" else EXCHANGE_PHASES
-        terms = {k: v * b for k, v in layer_terms(meta, hw, lt, t, job.batch, wire, epg,
-                                                  job.tp, phases).items()}
+        terms = {k: v * b for k, v in layer_terms(meta, hw, lt, per_layer.get(lt.layer),
+                                                  job.batch, wire, epg, job.tp,
+                                                  phases).items()}
         out.append({"layer": lt.layer, "kind": lt.kind, "predicted_s": float(p),
                     "measured_s": meas, "error": p / meas - 1 if meas > 0 else math.nan,
                     "compute_s": b * lt.compute_s, "micro_batches": lt.micro_batches,
@@ -581,8 +580,10 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['measured_s'] * 1e3:13.3f}{r['error'] * 100:8.1f}%   {share}")
     lines += [f"MoE layers: mean |error| {s['mean_layer_error'] * 100:.1f}%, max "
               f"{s['max_layer_error'] * 100:.1f}%"
-              + (f"; not modelled, measured: run-to-run spread {s['spread'] * 100:.0f}%, "
-                 f"first MoE layer {s['warm_up'] * 100:+.0f}% over the last (warm-up)"
+              + (f"; not modelled, measured: "
+                 + (f"run-to-run spread {s['spread'] * 100:.0f}%, "
+                    if r0.get("repeats", 1) > 1 else "")
+                 + f"first MoE layer {s['warm_up'] * 100:+.0f}% over the last (warm-up)"
                  if len(moe) > 1 else ""),
               f"forward: predicted {s['predicted_forward_s'] * 1e3:.1f} ms, measured "
               f"{s['measured_forward_s'] * 1e3:.1f} ms, error {s['forward_error'] * 100:+.1f}% "

@@ -43,25 +43,28 @@ class JobRun:
         return max(1, -(-self.tokens_per_rank // self.batch))
 
 
-def forecast_job(meta: ModelMeta, hw: Hardware, job: JobRun, traffic: np.ndarray | None = None,
-                 computed: np.ndarray | None = None) -> Forecast:
-    """The model's forecast of one batch of ``job``.
+def job_traffic(meta: ModelMeta, hw: Hardware, job: JobRun, traffic: np.ndarray,
+                computed: np.ndarray | None = None) -> dict:
+    """Each MoE layer's :class:`Traffic` in one batch of ``job``: ``traffic`` `[L_moe, P,
+    P]` rows each rank sent to each rank over the whole job (the output's
+    ``/stats/traffic``; with node dispatch both stages), ``computed`` `[L_moe, P]` rows each
+    rank's experts computed (``/stats/tokens_per_rank``), both divided by the batches."""
+    b = job.batches
+    return {l: traffic_from_rows(np.asarray(traffic[i], float) / b,
+                                 None if computed is None else np.asarray(computed[i], float) / b,
+                                 job.tp, hw.gpus_per_node, hw.link)
+            for i, l in enumerate(meta.moe_layers)}
 
-    ``traffic`` `[L_moe, P, P]`: rows each rank sent to each rank over the whole job (the
-    output's ``/stats/traffic``; with node dispatch both stages); ``computed`` `[L_moe, P]`:
-    rows each rank's experts computed (``/stats/tokens_per_rank`` transposed); both divided
-    by the batches.  Without them routing is uniform."""
+
+def forecast_job(meta: ModelMeta, hw: Hardware, job: JobRun, traffic: np.ndarray | None = None,
+                 computed: np.ndarray | None = None, per_layer: dict | None = None) -> Forecast:
+    """The model's forecast of one batch of ``job``, with the routing of
+    :func:`job_traffic` (or its result ``per_layer``); without either, uniform routing."""
     layout = Layout(ep=job.ranks // job.tp, tp=job.tp, dp=1, tokens_per_gpu=job.batch,
                     micro_batches=job.micro_batches, precision=job.precision,
                     dispatch=job.dispatch)
-    per_layer = None
-    if traffic is not None:
-        b = job.batches
-        per_layer = {l: traffic_from_rows(np.asarray(traffic[i], float) / b,
-                                          None if computed is None
-                                          else np.asarray(computed[i], float) / b,
-                                          job.tp, hw.gpus_per_node, hw.link)
-                     for i, l in enumerate(meta.moe_layers)}
+    if per_layer is None and traffic is not None:
+        per_layer = job_traffic(meta, hw, job, traffic, computed)
     return forward_time(meta, hw, layout, per_layer, max_micro_batches=job.micro_batches)
 
 
@@ -72,4 +75,4 @@ def predicted_seconds(fc: Forecast, job: JobRun) -> np.ndarray:
     return np.array(per) * job.batches
 
 
-__all__ = ["STARTUP_SOURCE", "JobRun", "forecast_job", "predicted_seconds"]
+__all__ = ["STARTUP_SOURCE", "JobRun", "forecast_job", "job_traffic", "predicted_seconds"]

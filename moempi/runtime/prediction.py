@@ -1,9 +1,9 @@
 """The time model's prediction of the run, recorded beside its measurement (docs/design.md §2.3).
 
 The figures come from a calibration file (``run.calibration``, written by ``moempi bench
-calibrate``) or, without one, from the run's own start-up probes: one Alltoallv probe and
-the expert MLP's rate (what the GEMM chunk measurement timed, else one timing of a real
-expert).  The probes have no CPU terms (the norm, gate, packing and scheduler beside the
+calibrate``) or, without one, from the run's own probes: one Alltoallv probe at start-up
+(every rank) and the expert MLP's rate (what the GEMM chunk measurement timed, else, only
+then, one timing of a real expert on rank 0 when it predicts, after the forward pass).  The probes have no CPU terms (the norm, gate, packing and scheduler beside the
 GEMMs: :class:`moempi.perf.analytic.Hardware`), so that prediction is the GEMMs and the wire
 only, and says so.  Rank 0 predicts after the forward pass from the measured routing
 (:func:`moempi.perf.predict.forecast_job`); a prediction that fails is recorded as such,
@@ -27,7 +27,8 @@ from moempi.perf.predict import STARTUP_SOURCE, JobRun, forecast_job, predicted_
 from moempi.runtime.dispatch import probe_network
 
 PROBE_BYTES = 1 << 20         # the probe's large exchange sends at most this much to each peer
-GEMM_ROWS = (16, 1024)        # the expert timing's rows: a rank's rows per expert, clamped
+GEMM_ROWS = (16, 256)         # the expert timing's rows: a rank's rows per expert, clamped
+                              # (at H 7168, F 2048 on one CPU core 256 rows take ~0.4 s)
 
 
 def load_calibration(path: str) -> Calibration | None:
@@ -45,29 +46,32 @@ def load_calibration(path: str) -> Calibration | None:
 
 @dataclass(frozen=True)
 class Probes:
-    """The run's own figures, measured at start-up when no calibration is given (rank 0's)."""
+    """The run's own figures when no calibration is given: the network's, measured at
+    start-up by every rank, and how to get the expert GEMM rate (rank 0, only if the GEMM
+    chunk measurement gave none)."""
 
     latency_s: float           # one (almost) empty Alltoallv
     bandwidth_Bps: float       # per rank, of an Alltoallv of the job's message size
-    gemm_flops: float          # the job's expert MLP on this rank's backend
-    seconds: float             # what measuring them took
+    seconds: float             # what measuring the network took
+    gemm_flops: object         # () -> the job's expert MLP rate on rank 0's backend
 
 
 def probe(comm, weights, backend, tokens_per_rank: int, wire_bytes: int) -> Probes:
     """Every rank of ``comm`` (one replica): the Alltoallv latency and bandwidth at the
-    job's rows per peer (at most :data:`PROBE_BYTES`) and one expert MLP's rate; tens of ms."""
+    job's rows per peer (at most :data:`PROBE_BYTES`), tens of ms; the expert MLP's rate
+    is timed later, and only when needed (:meth:`RunForecast.hardware`)."""
     t = time.perf_counter()
     meta = weights.meta
     per_peer = tokens_per_rank * meta.top_k // max(comm.size, 1)
     rows = int(np.clip(per_peer, 8, max(8, PROBE_BYTES // (meta.hidden_size * wire_bytes))))
     latency, bandwidth = probe_network(comm, meta.hidden_size, wire_bytes, rows=rows, repeats=3)
     per_expert = tokens_per_rank * meta.top_k * comm.size // max(meta.num_experts, 1)
-    flops = comm.bcast(expert_rate(weights, backend, int(np.clip(per_expert, *GEMM_ROWS))),
-                       root=0)
-    return Probes(latency, bandwidth, flops, time.perf_counter() - t)
+    gemm_rows = int(np.clip(per_expert, *GEMM_ROWS))
+    return Probes(latency, bandwidth, time.perf_counter() - t,
+                  lambda: expert_rate(weights, backend, gemm_rows))
 
 
-def expert_rate(weights, backend, rows: int, repeats: int = 3) -> float:
+def expert_rate(weights, backend, rows: int, repeats: int = 2) -> float:
     """FLOP/s of this rank's first expert MLP (of the first MoE layer) on ``rows`` random rows,
     best of ``repeats`` after one warm-up, on the backend the forward pass uses; 0 without one."""
     layer = next((l for l in weights.layers if getattr(l, "experts", None)), None)
@@ -126,7 +130,7 @@ class RunForecast:
             return (self.calibration.hardware(self.job.ranks, topo),
                     f"calibration {self.calibration_path} ({self.calibration.machine})")
         p = self.probes
-        flops = self.gemm_rates[max(self.gemm_rates)] if self.gemm_rates else p.gemm_flops
+        flops = self.gemm_rates[max(self.gemm_rates)] if self.gemm_rates else p.gemm_flops()
         return (Hardware(gemm_flops=flops, latency_s=p.latency_s, intra_Bps=p.bandwidth_Bps,
                          inter_Bps=p.bandwidth_Bps, link="measured", gpus_per_node=per_node,
                          memory_bytes=0.0, source="start-up probes"), STARTUP_SOURCE)

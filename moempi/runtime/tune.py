@@ -135,10 +135,11 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
     moe = [i for i, layer in enumerate(layers) if layer.index in set(ctx.weights.meta.moe_layers)]
     counts = sorted(counts)
     seed, rest = counts[0], counts[1:]
-    schedule, times = [], {m: [] for m in counts}
+    schedule = []
     sync = 0.0
 
-    def run(a: int, b: int, m: int, timed: bool):
+    def run(a: int, b: int, m: int, timed: bool) -> float:
+        """Layers ``a:b`` at ``m`` micro-batches; timed: the slowest rank's seconds."""
         nonlocal x, sync
         sub = dataclasses.replace(ctx, weights=Weights(ctx.weights.meta, layers[a:b], None))
         if ctx.on_segment is not None:
@@ -152,7 +153,8 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
             seconds = world.allreduce(seconds, op=MPI.MAX)
             if m != seed:        # (the seed's wait for the slowest rank replaces the one the
                 sync += time.perf_counter() - t     # next layer's first exchange would have)
-            times[m].append(segment_seconds(m, seconds))
+            return segment_seconds(m, seconds)
+        return 0.0
 
     if len(moe) < 2 or not rest:
         run(0, len(layers), seed, False)
@@ -162,8 +164,7 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
     first = moe[1]
     if first > moe[0] + 1:
         run(moe[0] + 1, first, seed, False)
-    run(first, first + 1, seed, True)
-    climb = Climb(counts, times[seed][0], moe_executions, share)
+    climb = Climb(counts, run(first, first + 1, seed, True), moe_executions, share)
     at = first + 1
     while (m := climb.next(at in moe)) is not None:
         if before_trials is not None:
@@ -171,12 +172,12 @@ def tuned_batch(world: MPI.Comm, ctx: Context, exchangers: list, x: np.ndarray, 
             before_trials()
             sync += time.perf_counter() - t
             before_trials = None
-        run(at, at + 1, m, True)
+        climb.record(m, run(at, at + 1, m, True))
         at += 1
-        climb.record(m, times[m][-1])
     best = climb.best
     if at < len(layers):
         run(at, len(layers), best, False)
+    times = {m: climb.times.get(m, []) for m in counts}
     return x, Tuning(best, times, schedule, climb.budget, climb.cost_s + sync, climb.reason)
 
 
