@@ -29,13 +29,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # The demo: a 61-layer model (4 experts, hidden 256) and 4096 tokens, generated on first
 # use, run on $(NP) ranks with the overlapped exchange, then summarised: measured against
 # the time model's prediction from this machine's calibration at $(NP) ranks (measured once,
-# about 5 s, into $(DEMO)/calibration.json), and why the overlap is what it is.
+# the median of 3 calibration processes, about 15 s, into $(DEMO)/calibration.json: one
+# process alone put three fresh clones' predictions +4 %, +35 % and +56 % off), and why the
+# overlap is what it is.
 run: install
 	@mkdir -p $(DEMO)
 	@test -f $(DEMO)/model.h5 || $(BIN)/moempi init-model $(DEMO)/model.h5 --preset small
 	@test -f $(DEMO)/tokens.h5 || $(BIN)/moempi make-tokens $(DEMO)/tokens.h5 --num-tokens 4096 --model $(DEMO)/model.h5
 	@$(BIN)/python -c "import json, sys; sys.exit('$(NP)' not in json.load(open('$(DEMO)/calibration.json'))['alltoall'])" 2>/dev/null || \
-		MPIEXEC_TIMEOUT=300 $(BIN)/mpiexec -n $(NP) $(BIN)/moempi bench calibrate --calibration $(DEMO)/calibration.json
+		for i in 1 2 3; do MPIEXEC_TIMEOUT=300 $(BIN)/mpiexec -n $(NP) $(BIN)/moempi bench calibrate \
+			--calibration $(DEMO)/calibration.json $$( [ $$i = 1 ] || echo --add ) || exit 1; done
 	MPIEXEC_TIMEOUT=300 $(BIN)/mpiexec -n $(NP) $(BIN)/moempi run input/demo.toml --overwrite
 	$(BIN)/moempi inspect $(DEMO)/out.h5
 
